@@ -1,0 +1,10 @@
+"""Sanity checks. ``CHECKS[name](ctx: CheckContext, **check_cfg) -> Iterator[dict | MapRecord]``.
+
+A check is a generator of tidy rows (dicts, see results/README.md) and map records; it does
+no file I/O: the runner writes.
+"""
+from harness.registry import Registry
+
+CHECKS = Registry("check")
+
+from checks import model_randomization  # noqa: E402,F401  (fill the registry)

@@ -1,0 +1,60 @@
+"""Shared by checks: explain a dataset in batches, normalize once, score against a reference."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from harness.context import CheckContext, MapRecord
+from metrics import NORMALIZATIONS
+from metrics.normalize import is_constant
+
+FIGURE_NORMALIZATIONS = ("absolute", "signed")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Argmax class of each input, (N,)."""
+    return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
+
+
+def explain(ctx: CheckContext, method: str, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Maps of every input for one method, normalized once per normalization in use.
+
+    Returns ``{normalization: (N, H, W)}`` plus ``"constant": (N,) bool``.
+    """
+    needed = {spec.normalization for spec in ctx.metrics} | set(FIGURE_NORMALIZATIONS)
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in [*needed, "constant"]}
+    fn = ctx.methods[method]
+    for x, t in zip(ctx.data.inputs.split(ctx.batch_size), target.split(ctx.batch_size)):
+        raw = fn(ctx.model, x, t).detach()
+        out["constant"].append(is_constant(raw))
+        for key in needed:
+            out[key].append(NORMALIZATIONS[key](raw))
+    return {key: torch.cat(parts) for key, parts in out.items()}
+
+
+def score(ctx: CheckContext, maps: dict, reference: dict, base: dict,
+          target: torch.Tensor) -> Iterator[dict]:
+    """One row per (sample, metric): similarity of ``maps`` to ``reference``."""
+    constant = (maps["constant"] | reference["constant"]).cpu()
+    samples = ctx.data.samples.tolist()
+    targets = target.cpu().tolist()
+    for spec in ctx.metrics:
+        values = spec.fn(maps[spec.normalization], reference[spec.normalization]).double().cpu()
+        for i, value in enumerate(values.tolist()):
+            reason = "constant map" if constant[i] else ("" if value == value else "undefined")
+            yield {**base, "sample": samples[i], "target": targets[i], "metric": spec.name,
+                   "value": float("nan") if constant[i] else value,
+                   "normalization": spec.normalization, "reason": reason}
+
+
+def map_record(ctx: CheckContext, maps: dict, check: str, method: str, stage: str,
+               stage_index: int) -> MapRecord | None:
+    k = min(ctx.n_maps, len(ctx.data.samples))
+    if k <= 0:
+        return None
+    return MapRecord(check=check, method=method, stage=stage, stage_index=stage_index,
+                     samples=ctx.data.samples[:k].cpu(),
+                     maps={key: maps[key][:k].cpu() for key in FIGURE_NORMALIZATIONS})

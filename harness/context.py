@@ -1,0 +1,43 @@
+"""What a check receives from the runner and what it yields back (no file I/O in checks)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.data import Dataset
+
+Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # hparams bound
+
+
+@dataclass
+class MetricSpec:
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B,H,W), (B,H,W) -> (B,)
+    normalization: str  # key of metrics.NORMALIZATIONS
+
+
+@dataclass
+class CheckContext:
+    model: nn.Module
+    data: Dataset  # inputs already on the run's device
+    methods: dict[str, Method]
+    metrics: list[MetricSpec]
+    seed: int = 0
+    batch_size: int = 16  # images per method call (each method chunks further internally)
+    n_maps: int = 4  # maps of the first n_maps samples are yielded for figures
+    progress: bool = True
+
+
+@dataclass
+class MapRecord:
+    """Normalized maps of the first samples at one stage, for figure grids."""
+
+    check: str
+    method: str
+    stage: str
+    stage_index: int
+    samples: torch.Tensor  # (K,)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # normalization -> (K, H, W)

