@@ -5,8 +5,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from harness.context import CheckContext, MapRecord
+from methods._common import shared_pieces
 from metrics import NORMALIZATIONS
 from metrics.normalize import is_constant
 
@@ -19,20 +21,29 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
 
 
-def explain(ctx: CheckContext, method: str, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Maps of every input for one method, normalized once per normalization in use.
+def explain_all(ctx: CheckContext, target: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Maps of every input for every method, normalized once per normalization in use.
 
-    Returns ``{normalization: (N, H, W)}`` plus ``"constant": (N,) bool``.
+    Inputs go in batches of ``ctx.batch_size``; within a batch the methods share their common
+    pieces (input gradient, noisy gradients, GBP and GradCAM maps). Returns
+    ``{method: {normalization: (N, H, W), "constant": (N,) bool}}``.
     """
     needed = {spec.normalization for spec in ctx.metrics} | set(FIGURE_NORMALIZATIONS)
-    out: dict[str, list[torch.Tensor]] = {key: [] for key in [*needed, "constant"]}
-    fn = ctx.methods[method]
-    for x, t in zip(ctx.data.inputs.split(ctx.batch_size), target.split(ctx.batch_size)):
-        raw = fn(ctx.model, x, t).detach()
-        out["constant"].append(is_constant(raw))
-        for key in needed:
-            out[key].append(NORMALIZATIONS[key](raw))
-    return {key: torch.cat(parts) for key, parts in out.items()}
+    parts = {m: {key: [] for key in [*needed, "constant"]} for m in ctx.methods}
+    batches = list(zip(ctx.data.inputs.split(ctx.batch_size), target.split(ctx.batch_size)))
+    bar = tqdm(total=len(batches) * len(ctx.methods), desc="methods", leave=False,
+               disable=not ctx.progress)
+    for x, t in batches:
+        with shared_pieces():
+            for method, fn in ctx.methods.items():
+                bar.set_postfix_str(method)
+                raw = fn(ctx.model, x, t).detach()
+                bar.update()
+                parts[method]["constant"].append(is_constant(raw))
+                for key in needed:
+                    parts[method][key].append(NORMALIZATIONS[key](raw))
+    bar.close()
+    return {m: {key: torch.cat(v) for key, v in out.items()} for m, out in parts.items()}
 
 
 def score(ctx: CheckContext, maps: dict, reference: dict, base: dict,

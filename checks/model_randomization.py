@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from tqdm.auto import tqdm
 
 from checks import CHECKS
-from checks._scoring import explain, map_record, predict, score
+from checks._scoring import explain_all, map_record, predict, score
 from harness.context import CheckContext, MapRecord
 from harness.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
@@ -52,7 +52,7 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
              "target_policy": target}
     with restored(ctx.model) as saved:
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
-        references = {m: explain(ctx, m, explained) for m in ctx.methods}
+        references = explain_all(ctx, explained)
         for m, maps in references.items():
             yield map_record(ctx, maps, check, m, "original", 0)
         yield from _score_stage(ctx, references, knobs, "original", 0, explained)
@@ -69,8 +69,9 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
 
 def _score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, index: int,
                  target, with_maps: bool = False) -> Iterator[dict | MapRecord]:
+    stage_maps = explain_all(ctx, target)
     for method, reference in references.items():
-        maps = explain(ctx, method, target)
+        maps = stage_maps[method]
         base = {**knobs, "method": method, "stage": stage, "stage_index": index}
         yield from score(ctx, maps, reference, base, target)
         if with_maps:

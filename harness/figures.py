@@ -25,7 +25,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy import stats
+from scipy.special import stdtrit
 
 # Methods in the order DESIGN.md lists them; each keeps one style in every figure of every run.
 KNOWN_METHODS = (
@@ -94,7 +94,8 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
     with _style():
         for path in paths:
             tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, format=path.suffix[1:], dpi=PNG_DPI, bbox_inches="tight", pad_inches=0.05)
+            fig.savefig(tmp, format=path.suffix[1:], dpi=PNG_DPI, bbox_inches="tight",
+                        pad_inches=0.05)  # fmt: skip
             os.replace(tmp, path)
     return paths
 
@@ -126,7 +127,7 @@ def curve_table(rows: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     grouped = values.groupby([rows[k] for k in keys], sort=True, observed=True)
     table = grouped.agg(["mean", "std", "count"]).reset_index()
     n = table["count"].to_numpy()
-    quantile = stats.t.ppf((1 + level) / 2, np.maximum(n - 1, 1))
+    quantile = stdtrit(np.maximum(n - 1, 1), (1 + level) / 2)  # Student t quantile
     half = np.where(n >= 2, quantile * table["std"].to_numpy() / np.sqrt(np.maximum(n, 1)), np.nan)
     table["low"], table["high"] = table["mean"] - half, table["mean"] + half
     return table.rename(columns={"count": "n"})[keys + ["mean", "low", "high", "n"]]
@@ -140,12 +141,13 @@ def similarity_curves(table: pd.DataFrame, title: str = "") -> Figure:
     (mean over samples) with its shaded 95 % Student t-interval. The y-range covers [-1, 1].
     """
     metrics = _ordered(table["metric"].unique(), list(METRIC_TITLES))
-    stages = table[["stage_index", "stage"]].drop_duplicates("stage_index").sort_values("stage_index")
-    ncols = min(len(metrics), 4)
+    stages = table[["stage_index", "stage"]].drop_duplicates("stage_index")
+    stages = stages.sort_values("stage_index")
+    ncols = 2 if len(metrics) == 4 else min(len(metrics), 3)  # 4 panels as 2 x 2: less squat
     nrows = math.ceil(len(metrics) / ncols)
     panel_width = max(3.2, 0.22 * len(stages) + 1.0)
     with _style():
-        fig = Figure(figsize=(ncols * panel_width + 1.8, nrows * 3.1 + 0.5), layout="constrained")
+        fig = Figure(figsize=(ncols * panel_width + 1.8, nrows * 3.4 + 0.5), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, metric in zip(axes, metrics):
             _draw_metric(ax, table[table["metric"] == metric], stages)
@@ -163,23 +165,27 @@ def similarity_curves(table: pd.DataFrame, title: str = "") -> Figure:
 
 def _draw_metric(ax, table: pd.DataFrame, stages: pd.DataFrame) -> None:
     for method in method_order(table["method"].unique()):
-        line = stages.merge(table[table["method"] == method], how="left", on=["stage_index", "stage"])
+        line = stages.merge(table[table["method"] == method], how="left")  # NaN: missing stage
         style = method_style(method)
         x = line["stage_index"].to_numpy(float)
-        ax.fill_between(x, line["low"], line["high"], color=style["color"], alpha=0.18, linewidth=0)
+        ax.fill_between(x, line["low"], line["high"], color=style["color"], alpha=0.15, linewidth=0)
         ax.plot(x, line["mean"], label=method, linewidth=1.4, markersize=3.5, **style)
     small = len(stages) > 12
     ax.set_xticks(stages["stage_index"], labels=stages["stage"], rotation=45, ha="right",
                   rotation_mode="anchor", fontsize=7 if small else 8)  # fmt: skip
     ax.set_xlim(stages["stage_index"].min() - 0.4, stages["stage_index"].max() + 0.4)
     ax.set_ylim(*_similarity_range(table))
+    ax.set_yticks([-1.0, -0.5, 0.0, 0.5, 1.0])
     ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", zorder=0)
     ax.grid(alpha=0.3, linewidth=0.5)
 
 
 def _similarity_range(table: pd.DataFrame) -> tuple[float, float]:
-    """[-1, 1] (the range of every similarity metric), widened if the data leave it."""
-    values = table[["mean", "low", "high"]].to_numpy(float)
+    """[-1, 1] (the range of every similarity metric), widened only if a mean leaves it.
+
+    Intervals of means near the bounds may reach past them; they are cut at the frame.
+    """
+    values = table["mean"].to_numpy(float)
     finite = values[np.isfinite(values)]
     low = min(-1.0, finite.min()) if finite.size else -1.0
     high = max(1.0, finite.max()) if finite.size else 1.0
@@ -188,7 +194,8 @@ def _similarity_range(table: pd.DataFrame) -> tuple[float, float]:
 
 def _curve_title(check: str, rows: pd.DataFrame) -> str:
     title = CHECK_TITLES.get(check, check)
-    about = [str(rows[c].iloc[0]) for c in ("model", "dataset") if c in rows and rows[c].nunique() == 1]
+    columns = [c for c in ("model", "dataset") if c in rows and rows[c].nunique() == 1]
+    about = [str(rows[c].iloc[0]) for c in columns]
     return f"{title}: {' on '.join(about)}" if about else title
 
 
@@ -225,7 +232,8 @@ def randomization_grid(
                 _show_image(ax_row[0], image)
             for ax, stage_map in zip(cells, maps[method]):
                 _show_map(ax, stage_map, normalization)
-            ax_row[0].text(-0.08, 0.5, method, transform=ax_row[0].transAxes, ha="right", va="center")
+            ax_row[0].text(-0.08, 0.5, method, transform=ax_row[0].transAxes, ha="right",
+                           va="center")  # fmt: skip
         for ax, name in zip(axes[0], columns):
             layout.column_title(ax, name)
         if title:
@@ -234,7 +242,7 @@ def randomization_grid(
 
 
 class _GridLayout:
-    """Sizes of a :func:`randomization_grid` in inches: cells shrink and titles turn with many columns."""
+    """Sizes of a :func:`randomization_grid` in inches: with many columns, smaller cells."""
 
     def __init__(self, nrows: int, columns: list[str], methods: list[str]):
         ncols = len(columns)
@@ -242,8 +250,9 @@ class _GridLayout:
         self.rotate = ncols > 8 or longest_title > 12
         cell = 1.0 if ncols <= 8 else 0.75
         left = 0.075 * max(len(m) for m in methods) + 0.25
-        top = (0.05 * longest_title + 0.2 if self.rotate else 0.3) + 0.35  # column titles + suptitle
-        right = 0.04 * longest_title if self.rotate else 0.1  # the last rotated title leans right
+        titles = 0.035 * longest_title + 0.2 if self.rotate else 0.3
+        top = titles + 0.3  # column titles, then the suptitle
+        right = 0.035 * longest_title if self.rotate else 0.1  # the last rotated title leans right
         width, height = left + ncols * cell * 1.05 + right, top + nrows * cell * 1.05 + 0.1
         self.figsize = (width, height)
         self.margins = dict(left=left / width, right=1 - right / width, top=1 - top / height,
@@ -378,7 +387,8 @@ def method_style(method: str) -> dict[str, str]:
         i = KNOWN_METHODS.index(method)
     else:
         i = len(KNOWN_METHODS) + zlib.crc32(method.encode()) % 52
-    return {"color": _COLORS[i % 10], "linestyle": _LINESTYLES[i // 10 % 4], "marker": _MARKERS[i % 7]}
+    return {"color": _COLORS[i % 10], "linestyle": _LINESTYLES[i // 10 % 4],
+            "marker": _MARKERS[i % 7]}  # fmt: skip
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
