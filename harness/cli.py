@@ -5,6 +5,7 @@ a typo fails in one line that lists the valid choices (Hydra's own message spans
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ def _app():
         from harness.registry import UnknownNameError
         from harness.run import run, summary
 
+        for noisy in ("fontTools", "matplotlib", "PIL"):  # Hydra logs at INFO: keep them quiet
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         hydra_cfg = HydraConfig.get()
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
         run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -93,7 +93,16 @@ def imagenet_samples(n: int | None = 20, data_config: dict | None = None, **_) -
     mean, std = _norm_stats(config, 3)
     return Dataset(inputs=_load_images(files, config), labels=torch.tensor(labels),
                    samples=torch.arange(len(files)), mean=mean, std=std,
-                   source=f"foolbox ImageNet samples ({folder})")
+                   source=f"foolbox ImageNet samples ({folder})",
+                   class_names=imagenet_class_names())
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class descriptions bundled with timm (short form)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0] for i in range(1000)]
 
 
 @DATASETS.register

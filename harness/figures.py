@@ -367,7 +367,7 @@ def _input_of(inputs: dict[str, np.ndarray] | None, sample: int) -> tuple[np.nda
     if inputs is None or int(sample) not in inputs["samples"]:
         return None, ""
     i = int(np.flatnonzero(inputs["samples"] == sample)[0])
-    if "class_names" in inputs:
+    if len(inputs.get("class_names", ())) > i:
         return inputs["images"][i], f" ({inputs['class_names'][i]})"
     if "labels" in inputs:
         return inputs["images"][i], f" (label {int(inputs['labels'][i])})"

@@ -83,6 +83,8 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
     check_registered(names)
     device = resolve_device(str(cfg.device))
     torch.manual_seed(cfg.seed)
+    if cfg.get("flush_denormal", False):
+        torch.set_flush_denormal(True)  # subnormal activations/gradients slow CPU kernels down
 
     tic = time.perf_counter()
     model = MODELS[names["model"][0]](**_kwargs(cfg.model)).to(device)

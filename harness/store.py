@@ -63,10 +63,13 @@ class RunStore:
 
     def write_inputs(self, data: Dataset, k: int) -> None:
         k = min(k, len(data.samples))
-        names = [data.class_names[i] for i in data.labels[:k].tolist()] if data.class_names else []
-        _save_npz(self.run_dir / MAPS / "inputs.npz", images=data.display_images()[:k],
-                  samples=data.samples[:k].numpy().astype(np.int64),
-                  labels=data.labels[:k].numpy().astype(np.int64), class_names=np.array(names))
+        arrays = {"images": data.display_images()[:k],
+                  "samples": data.samples[:k].numpy().astype(np.int64),
+                  "labels": data.labels[:k].numpy().astype(np.int64)}
+        if data.class_names:
+            arrays["class_names"] = np.array([data.class_names[i] for i in
+                                              data.labels[:k].tolist()])
+        _save_npz(self.run_dir / MAPS / "inputs.npz", **arrays)
 
     def write_json(self, name: str, payload: dict) -> Path:
         path = self.run_dir / name

@@ -4,11 +4,14 @@ Adebayo et al. 2018 ("Sanity Checks for Saliency Maps", arXiv 1810.03292) compar
 reducing the channels and clipping at the 99th percentile of each map. Both normalizations here
 work strictly per sample: nothing is ever pooled across the batch.
 
-A sample whose normalization is undefined (a constant map: ``vmax == vmin`` or ``span == 0``)
-becomes an all-NaN map, so that every metric scores it NaN instead of crashing or inventing a
-value. NaN in the raw map likewise gives an all-NaN map.
+A sample whose normalization is undefined becomes an all-NaN map, so that every metric scores
+it NaN instead of crashing or inventing a value: a constant map (``vmax == vmin`` for
+``absolute``, a constant channel sum or ``span == 0`` for ``signed``; note that this includes
+maps that are constant on at least 99 % of their pixels) or a map containing NaN.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,6 +21,7 @@ from harness.registry import Registry
 NORMALIZATIONS = Registry("normalization")
 
 PERCENTILE = 99.0
+CHUNK_PIXELS = 1 << 18  # pixels per batch slice (see _by_samples)
 
 
 def _check_bchw(m: Tensor) -> None:
@@ -45,9 +49,40 @@ def percentile(x: Tensor, q: float) -> Tensor:
     return out.masked_fill(torch.isnan(x).any(dim=1), float("nan"))
 
 
-def _nan_where(out: Tensor, bad: Tensor) -> Tensor:
-    """Set the samples flagged in ``bad`` (B,) of ``out`` (B, H, W) to NaN."""
-    return out.masked_fill(bad[:, None, None], float("nan"))
+def _by_samples(fn: Callable[[Tensor], Tensor], m: Tensor) -> Tensor:
+    """``fn(m)`` for a per-sample ``fn`` (B, C, H, W) -> (B, H, W), computed on slices of the
+    batch so that the float64 intermediates stay in the CPU cache (about 1.5x faster)."""
+    _check_bchw(m)
+    rows = max(1, CHUNK_PIXELS // max(1, m.shape[2] * m.shape[3]))
+    if m.shape[0] <= rows:
+        return fn(m)
+    return torch.cat([fn(part) for part in m.split(rows)])
+
+
+def _scale(s: Tensor, shift: Tensor, span: Tensor, low: float, dtype: torch.dtype) -> Tensor:
+    """``clip((s - shift) / span, low, 1)`` per sample for float64 ``s`` (B, H, W) and (B,)
+    ``shift, span``; samples with ``span <= 0`` or NaN become all-NaN maps of ``dtype``."""
+    ok = span > 0  # False for constant maps and NaN
+    safe = torch.where(ok, span, torch.ones_like(span))
+    out = s.sub_(shift[:, None, None]).div_(safe[:, None, None]).clamp_(low, 1.0)
+    out = out.masked_fill_(~ok[:, None, None], float("nan"))
+    return out.to(dtype if dtype.is_floating_point else torch.float32)
+
+
+def _absolute(m: Tensor) -> Tensor:
+    s = m.abs().sum(dim=1, dtype=torch.float64)
+    flat = s.flatten(1)
+    vmin = flat.amin(dim=1)
+    return _scale(s, vmin, percentile(flat, PERCENTILE) - vmin, 0.0, m.dtype)
+
+
+def _signed(m: Tensor) -> Tensor:
+    s = m.sum(dim=1, dtype=torch.float64)
+    flat = s.flatten(1)
+    span = percentile(flat.abs(), PERCENTILE)
+    # a constant non-zero map would become all +-1: undefined like the other constant maps
+    span = span.masked_fill(flat.amax(dim=1) == flat.amin(dim=1), 0.0)
+    return _scale(s, torch.zeros_like(span), span, -1.0, m.dtype)
 
 
 @NORMALIZATIONS.register
@@ -57,31 +92,18 @@ def absolute(m: Tensor) -> Tensor:
     ``s = sum_c |m|``, then ``clip((s - min s) / (p99(s) - min s), 0, 1)`` per sample.
     (B, C, H, W) -> (B, H, W), same dtype as ``m`` (computed in float64).
     """
-    _check_bchw(m)
-    s = m.double().abs().sum(dim=1)
-    flat = s.flatten(1)
-    vmin = flat.amin(dim=1)
-    span = percentile(flat, PERCENTILE) - vmin
-    ok = span > 0  # False for constant maps and NaN
-    safe = torch.where(ok, span, torch.ones_like(span))
-    out = ((s - vmin[:, None, None]) / safe[:, None, None]).clamp(0.0, 1.0)
-    return _nan_where(out, ~ok).to(m.dtype)
+    return _by_samples(_absolute, m)
 
 
 @NORMALIZATIONS.register
 def signed(m: Tensor) -> Tensor:
     """Signed grayscale map in [-1, 1]: ``clip(s / p99(|s|), -1, 1)`` with ``s = sum_c m``.
 
-    Keeps the sign of the attribution (Adebayo et al. 2018 also report signed comparisons).
+    Keeps the sign of the attribution (Adebayo et al. 2018 report rank correlations with and
+    without absolute values).
     (B, C, H, W) -> (B, H, W), same dtype as ``m`` (computed in float64).
     """
-    _check_bchw(m)
-    s = m.double().sum(dim=1)
-    span = percentile(s.abs().flatten(1), PERCENTILE)
-    ok = span > 0
-    safe = torch.where(ok, span, torch.ones_like(span))
-    out = (s / safe[:, None, None]).clamp(-1.0, 1.0)
-    return _nan_where(out, ~ok).to(m.dtype)
+    return _by_samples(_signed, m)
 
 
 def is_constant(m: Tensor) -> Tensor:
