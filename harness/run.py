@@ -20,6 +20,7 @@ from harness.context import CheckContext, MetricSpec
 from harness.data import DATASETS, Dataset
 from harness.meta import model_meta
 from harness.store import RunStore, read_rows
+from harness.train import DEFAULT_CACHE_DIR, Trainer, normalize_labels
 from harness.zoo import MODELS
 from methods import METHODS
 from metrics import METRICS, NORMALIZATIONS
@@ -27,6 +28,7 @@ from metrics import METRICS, NORMALIZATIONS
 PACKAGES = ("torch", "torchvision", "timm", "captum", "numpy", "scipy", "scikit-image", "pandas",
             "pyarrow", "hydra-core", "sanity-harness")
 GROUPS = ("model", "dataset", "method", "check", "metric")
+ACCURACY_METRICS = ("train_accuracy", "test_accuracy")  # rows of checks that train models
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,7 +42,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def selected(cfg: DictConfig, choices: dict, group: str) -> list[str]:
-    """Names selected in a multi-select group (Hydra's choices; keys of the node as fallback)."""
+    """Names selected in a group: Hydra's choice, or for a multi-select list (for which Hydra
+    records no choice) the keys of the group's node, which holds exactly the selected files."""
     names = choices.get(group)
     if names is None:
         return list(cfg[group].keys())
@@ -56,14 +59,52 @@ def build_methods(cfg: DictConfig, names: list[str]) -> dict:
     return {n: partial(METHODS[n], **common, **_kwargs(cfg.method.get(n))) for n in names}
 
 
-def build_metrics(cfg: DictConfig, names: list[str]) -> list[MetricSpec]:
+def build_metrics(cfg: DictConfig, names: list[str],
+                  map_size: tuple[int, int] | None = None) -> list[MetricSpec]:
+    """Metric specs; with ``map_size`` each metric is first tried on maps of that size."""
     specs = []
     for name in names:
         kwargs = _kwargs(cfg.metric.get(name))
         normalization = kwargs.pop("normalization", "absolute")
         NORMALIZATIONS[normalization]  # unknown normalization fails here, before any compute
+        if map_size is not None:
+            kwargs = fit_metric(name, kwargs, map_size)
         specs.append(MetricSpec(name, partial(METRICS[name], **kwargs), normalization))
     return specs
+
+
+def fit_metric(name: str, kwargs: dict, map_size: tuple[int, int]) -> dict:
+    """The metric's settings, checked on two random maps of the run's size before any compute.
+
+    HOG cells too large for small maps (the paper's 16-pixel cells need 48x48, MNIST maps are
+    28x28) are halved until they fit, with a warning; any other misfit fails here in one line.
+    """
+    error = _probe_metric(name, kwargs, map_size)
+    if error and name == "hog":
+        fitted = dict(kwargs)
+        while error and fitted.get("pixels_per_cell", 16) > 1:
+            fitted["pixels_per_cell"] = max(1, int(fitted.get("pixels_per_cell", 16)) // 2)
+            error = _probe_metric(name, fitted, map_size)
+        if not error:
+            print(f"[sanity] warning: metric.hog.pixels_per_cell="
+                  f"{kwargs.get('pixels_per_cell', 16)} does not fit {map_size[0]}x{map_size[1]}"
+                  f" maps; using {fitted['pixels_per_cell']} (set metric.hog.pixels_per_cell "
+                  "to choose)")
+            return fitted
+    if error:
+        params = ", ".join(f"metric.{name}.{k}" for k in kwargs) or f"metric.{name}"
+        raise ValueError(f"metric {name} cannot score {map_size[0]}x{map_size[1]} maps: {error} "
+                         f"(adjust {params}, or leave {name} out of metric=[...])")
+    return kwargs
+
+
+def _probe_metric(name: str, kwargs: dict, map_size: tuple[int, int]) -> str:
+    maps = torch.rand(2, 2, *map_size, generator=torch.Generator().manual_seed(0))
+    try:
+        METRICS[name](maps[0], maps[1], **kwargs)
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return ""
 
 
 def check_registered(names: dict[str, list[str]]) -> None:
@@ -90,9 +131,17 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
     model = MODELS[names["model"][0]](**_kwargs(cfg.model)).to(device)
     timings["load_model_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    data = _load_data(cfg, names["dataset"][0], model)
+    labels = normalize_labels(cfg.get("train", {}).get("labels"))
+    trains = bool(getattr(CHECKS[names["check"][0]], "trains_models", False)) or bool(labels)
+    data = _load_data(cfg, names["dataset"][0], model, split="test" if trains else None)
     data.inputs = data.inputs.to(device)
+    metrics = build_metrics(cfg, names["metric"], tuple(data.inputs.shape[-2:]))
+    trainer = build_trainer(cfg, names, model, device) if trains else None
     timings["load_data_s"] = time.perf_counter() - tic
+    if labels:  # any check on a model trained first (cached): train.labels=true|random
+        tic = time.perf_counter()
+        model = trainer(labels).model
+        timings["train_s"] = time.perf_counter() - tic
 
     model_name = str(cfg.model.get("name", names["model"][0]))
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -100,9 +149,9 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
                                "dataset": names["dataset"][0], "seed": int(cfg.seed)})
     store.write_inputs(data, cfg.n_maps)
     ctx = CheckContext(model=model, data=data, methods=build_methods(cfg, names["method"]),
-                       metrics=build_metrics(cfg, names["metric"]), seed=int(cfg.seed),
+                       metrics=metrics, seed=int(cfg.seed),
                        batch_size=int(cfg.batch_size), n_maps=int(cfg.n_maps),
-                       progress=bool(cfg.progress))
+                       progress=bool(cfg.progress), train=trainer)
     print(f"[sanity] {model_name} on {data.source}: {len(data.samples)} inputs, "
           f"{len(ctx.methods)} methods, check {names['check'][0]}, device {device}")
     tic = time.perf_counter()
@@ -112,12 +161,47 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
     timings["check_s"] = time.perf_counter() - tic
     timings["figures_s"] = _figures(run_dir) if cfg.figures else 0.0
     timings["total_s"] = time.perf_counter() - start
-    store.write_json("run.json", _run_record(cfg, names, run_id, device, data, store, timings))
+    record = _run_record(cfg, names, run_id, device, data, store, timings)
+    record["metric_settings"] = {s.name: dict(s.fn.keywords) for s in metrics}
+    if trainer is not None:
+        record["trained"] = {k: _trained_record(t) for k, t in trainer.trained.items()}
+    store.write_json("run.json", record)
     return run_dir
 
 
-def _load_data(cfg: DictConfig, name: str, model) -> Dataset:
-    return DATASETS[name](**_kwargs(cfg.dataset), data_config=model_meta(model).data_config)
+def _load_data(cfg: DictConfig, name: str, model, split: str | None = None,
+               n: int | None | str = "config") -> Dataset:
+    """The dataset for ``model``; ``split`` and ``n`` override the config when given."""
+    kwargs = _kwargs(cfg.dataset)
+    if split is not None:
+        kwargs["split"] = split
+    if n != "config":
+        kwargs["n"] = n
+    return DATASETS[name](**kwargs, data_config=model_meta(model).data_config)
+
+
+def build_trainer(cfg: DictConfig, names: dict, model, device: torch.device) -> Trainer:
+    """Trains the run's architecture on the dataset's whole train split (``train`` config),
+    caching checkpoints in ``cache_dir``; test accuracy on the whole test split."""
+    dataset = names["dataset"][0]
+    model_cfg = _kwargs(cfg.model)
+    train_set, test_set = (_load_data(cfg, dataset, model, split=s, n=None)
+                           for s in ("train", "test"))
+    for part in (train_set, test_set):
+        part.inputs, part.labels = part.inputs.to(device), part.labels.to(device)
+    identity = {"model": str(cfg.model.get("name", names["model"][0])),
+                "model_registry": names["model"][0], "model_config": model_cfg,
+                "dataset": dataset}
+    return Trainer(build=partial(MODELS[names["model"][0]], **model_cfg), train_set=train_set,
+                   test_set=test_set, identity=identity, settings=_kwargs(cfg.get("train")),
+                   seed=int(cfg.seed), cache_dir=str(cfg.get("cache_dir") or DEFAULT_CACHE_DIR),
+                   device=device, progress=bool(cfg.progress))
+
+
+def _trained_record(trained) -> dict:
+    return {"train_accuracy": trained.train_accuracy, "test_accuracy": trained.test_accuracy,
+            "train_size": trained.train_size, "test_size": trained.test_size,
+            "epochs": trained.epochs, "checkpoint": trained.checkpoint, "cached": trained.cached}
 
 
 def _figures(run_dir: Path) -> float:
@@ -131,7 +215,6 @@ def _figures(run_dir: Path) -> float:
 def _run_record(cfg: DictConfig, names: dict, run_id: str, device, data: Dataset,
                 store: RunStore, timings: dict) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["method"] = {n: resolved.get("method", {}).get(n, {}) for n in names["method"]}
     return {"run_id": run_id, "selected": names, "config": resolved, "git_sha": _git_sha(),
             "packages": _versions(), "python": platform.python_version(),
             "host": platform.node(), "device": str(device), "data_source": data.source,
@@ -157,10 +240,18 @@ def _versions() -> dict[str, str]:
 
 
 def summary(run_dir: Path) -> str:
-    """Mean similarity per method and metric at the original and the last stage."""
+    """Mean similarity per method and metric at the original and the last stage (and the
+    accuracies of trained models, when the check trains some)."""
     rows = read_rows(run_dir)
+    accuracy = rows[rows["metric"].isin(ACCURACY_METRICS)]
+    rows = rows[~rows["metric"].isin(ACCURACY_METRICS)]
     last = rows["stage_index"].max()
     picked = rows[rows["stage_index"].isin([0, last])]
     table = picked.pivot_table(index="method", columns=["metric", "stage_index"], values="value",
                                aggfunc="mean")
-    return table.round(3).to_string()
+    text = table.round(3).to_string()
+    if len(accuracy):
+        accuracies = accuracy.pivot_table(index="stage", columns="metric", values="value",
+                                          aggfunc="mean", sort=False)
+        text = f"{accuracies.round(4).to_string()}\n\n{text}"
+    return text
