@@ -23,7 +23,8 @@ def _atomic(path: Path) -> Path:
 
 
 class RunStore:
-    """Buffers rows and writes them as parquet parts under ``run_dir/rows/``."""
+    """Buffers rows and writes them as parquet parts under ``run_dir/rows/``: one part per
+    finished stage (or every ``flush_every`` rows), so an interrupted run keeps what it did."""
 
     def __init__(self, run_dir: Path, common: dict, flush_every: int = 20_000):
         self.run_dir = Path(run_dir)
@@ -32,15 +33,18 @@ class RunStore:
         self.buffer: list[dict] = []
         self.parts = 0
         self.rows_written = 0
+        self.stage: tuple | None = None
         (self.run_dir / ROWS).mkdir(parents=True, exist_ok=True)
 
     def add(self, item: dict | MapRecord | None) -> None:
         if isinstance(item, MapRecord):
             self.write_maps(item)
         elif item is not None:
-            self.buffer.append(item)
-            if len(self.buffer) >= self.flush_every:
+            stage = (item.get("check"), item.get("stage_index"))
+            if stage != self.stage or len(self.buffer) >= self.flush_every:
                 self.flush()
+                self.stage = stage
+            self.buffer.append(item)
 
     def flush(self) -> None:
         if not self.buffer:

@@ -123,3 +123,20 @@ def test_module_granularity_stages(model):
                                          granularity="module", order="bottom_up"))
     assert [r["stage"] for r in rows if r["sample"] == 0 and r["metric"] == "ssim"] == [
         "original", "conv1", "conv2", "fc"]
+
+
+def test_store_writes_one_part_per_stage(model, tmp_path):
+
+    from harness.store import RunStore, read_rows
+
+    store = RunStore(tmp_path, {"run_id": "r", "model": "tiny_cnn", "dataset": "digits", "seed": 0})
+    for item in CHECKS["cascading"](make_ctx(model, n=2, n_maps=1)):
+        store.add(item)
+    store.flush()
+    rows = read_rows(tmp_path)
+    assert len(list((tmp_path / "rows").glob("part-*.parquet"))) == 4  # original + 3 stages
+    assert len(rows) == store.rows_written == 4 * 2 * 2 * len(METRICS)
+    assert (rows["run_id"] == "r").all() and not rows.duplicated().any()
+    assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporaries
+    maps = sorted((tmp_path / "maps" / "cascading" / "gradient").glob("stage_*.npz"))
+    assert len(maps) == 4
