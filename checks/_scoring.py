@@ -52,6 +52,7 @@ def score(ctx: CheckContext, maps: dict, reference: dict, base: dict,
     constant = (maps["constant"] | reference["constant"]).cpu()
     samples = ctx.data.samples.tolist()
     targets = target.cpu().tolist()
+    base = {**base, "method_hparams": method_hparams(ctx.methods.get(base.get("method")))}
     for spec in ctx.metrics:
         values = spec.fn(maps[spec.normalization], reference[spec.normalization]).double().cpu()
         for i, value in enumerate(values.tolist()):
@@ -59,6 +60,17 @@ def score(ctx: CheckContext, maps: dict, reference: dict, base: dict,
             yield {**base, "sample": samples[i], "target": targets[i], "metric": spec.name,
                    "value": float("nan") if constant[i] else value,
                    "normalization": spec.normalization, "reason": reason}
+
+
+def method_hparams(method) -> str:
+    """The method's own hyperparameters as sorted JSON, e.g. ``{"classes": "all", "k": 10}``:
+    the keywords the runner bound with ``functools.partial``, without the run-wide
+    ``internal_batch_size`` and ``seed`` (their own columns / run.json); ``{}`` otherwise."""
+    import json
+
+    keywords = getattr(method, "keywords", None) or {}
+    own = {k: v for k, v in keywords.items() if k not in ("internal_batch_size", "seed")}
+    return json.dumps(own, sort_keys=True, default=str)
 
 
 def map_record(ctx: CheckContext, maps: dict, check: str, method: str, stage: str,

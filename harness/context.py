@@ -20,6 +20,22 @@ class MetricSpec:
 
 
 @dataclass
+class TrainedModel:
+    """A model of the run's architecture trained by the runner (``harness.train``) on the
+    dataset's train split, with the labels ``true`` or ``random`` (a fixed permutation)."""
+
+    model: nn.Module  # eval mode, on the run's device
+    labels: str  # "true" | "random"
+    train_accuracy: float  # on the images it was trained on, with the labels it was trained on
+    test_accuracy: float  # on the whole test split, with the true labels
+    train_size: int
+    test_size: int
+    epochs: int  # epochs actually run (early stop once train accuracy >= the target)
+    checkpoint: str = ""  # cache file it was loaded from or saved to
+    cached: bool = False  # loaded from the cache instead of trained
+
+
+@dataclass
 class CheckContext:
     model: nn.Module
     data: Dataset  # inputs already on the run's device
@@ -29,6 +45,9 @@ class CheckContext:
     batch_size: int = 16  # images per method call (each method chunks further internally)
     n_maps: int = 4  # maps of the first n_maps samples are yielded for figures
     progress: bool = True
+    # labels ("true" | "random") -> the run's architecture trained on them (cached checkpoints);
+    # filled by the runner for checks that train (``trains_models``), else None
+    train: Callable[[str], TrainedModel] | None = None
 
 
 @dataclass

@@ -47,7 +47,11 @@ METRIC_TITLES = {
     "ssim": "SSIM",
     "pearson": "Pearson correlation",
 }
-CHECK_TITLES = {"cascading": "Cascading randomization", "independent": "Independent randomization"}
+CHECK_TITLES = {"cascading": "Cascading randomization", "independent": "Independent randomization",
+                "random_labels": "Data randomization (random labels)"}
+RANDOM_LABELS = "random_labels"
+ACCURACY_METRICS = ("train_accuracy", "test_accuracy")
+LABEL_STAGES = {"true_labels": "true labels", "random_labels": "random labels"}
 # How a map normalization is shown: colormap, vmin, vmax.
 MAP_DISPLAY = {"absolute": ("gray", 0.0, 1.0), "signed": ("bwr", -1.0, 1.0)}
 
@@ -70,7 +74,10 @@ def make_figures(
 
     * ``<check>_similarity.{png,pdf}`` per check in ``rows/`` (Figure 4 of arXiv 1810.03292);
     * ``<check>_grid_sample<k>.{png,pdf}`` per check in ``maps/`` for its first ``max_samples``
-      samples, ``k`` being the dataset index of the sample (Figure 2).
+      samples, ``k`` being the dataset index of the sample (Figure 2);
+    * for the data randomization test (check ``random_labels``), instead:
+      ``random_labels_similarity`` (bars per method and metric) and ``random_labels_grid``
+      (true-label versus random-label maps, Figures 5 and 6).
 
     A figure whose data is absent (no ``rows/``, no ``maps/``) is skipped without error.
     """
@@ -79,11 +86,21 @@ def make_figures(
     written = []
     rows = load_rows(run_dir)
     if rows is not None and len(rows):
-        for check, table in curve_table(rows).groupby("check", sort=False, observed=True):
-            fig = similarity_curves(table, title=_curve_title(str(check), rows))
-            written += save_figure(fig, out / f"{check}_similarity")
+        random_labels = (rows["check"] if "check" in rows else pd.Series("", rows.index)).eq(
+            RANDOM_LABELS)
+        if (~random_labels).any():
+            for check, table in curve_table(rows[~random_labels]).groupby(
+                    "check", sort=False, observed=True):
+                fig = similarity_curves(table, title=_curve_title(str(check), rows))
+                written += save_figure(fig, out / f"{check}_similarity")
+        if random_labels.any():
+            fig = random_label_bars(rows[random_labels], title=_curve_title(RANDOM_LABELS, rows))
+            written += save_figure(fig, out / f"{RANDOM_LABELS}_similarity")
     for check_dir in _check_dirs(run_dir / "maps"):
-        written += _write_grids(check_dir, out, max_samples, normalization)
+        if check_dir.name == RANDOM_LABELS:
+            written += _write_random_label_grid(check_dir, out, max_samples, normalization)
+        else:
+            written += _write_grids(check_dir, out, max_samples, normalization)
     return written
 
 
@@ -372,6 +389,110 @@ def _input_of(inputs: dict[str, np.ndarray] | None, sample: int) -> tuple[np.nda
     if "labels" in inputs:
         return inputs["images"][i], f" (label {int(inputs['labels'][i])})"
     return inputs["images"][i], ""
+
+
+# --------------------------------------------------------------------------- Figures 5/6: random labels
+
+
+def random_label_bars(rows: pd.DataFrame, title: str = "") -> Figure:
+    """Data randomization test (arXiv 1810.03292, §5): similarity of each method's map of the
+    random-label model to its map of the true-label model, one panel per metric, one bar per
+    method (mean over samples, 95 % Student t-interval). The subtitle gives the accuracies of
+    both models (``train_accuracy`` / ``test_accuracy`` rows)."""
+    similarity = rows[~rows["metric"].isin(ACCURACY_METRICS) & rows["stage_index"].eq(1)]
+    table = curve_table(similarity)
+    metrics = _ordered(table["metric"].unique(), list(METRIC_TITLES))
+    methods = method_order(table["method"].unique())
+    ncols = 2 if len(metrics) == 4 else max(1, min(len(metrics), 3))
+    nrows = max(1, math.ceil(len(metrics) / ncols))
+    with _style():
+        fig = Figure(figsize=(ncols * max(3.2, 0.38 * len(methods) + 1.0) + 0.4, nrows * 3.3 + 0.9),
+                     layout="constrained")  # fmt: skip
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax, metric in zip(axes, metrics):
+            _draw_bars(ax, table[table["metric"] == metric], methods)
+            ax.set_title(METRIC_TITLES.get(metric, metric))
+        for ax in axes[len(metrics):]:
+            ax.set_axis_off()
+        for ax in axes[::ncols]:
+            ax.set_ylabel("similarity: random- vs true-label map")
+        fig.suptitle("\n".join(t for t in (title, accuracy_caption(rows)) if t))
+    return fig
+
+
+def _draw_bars(ax, table: pd.DataFrame, methods: list[str]) -> None:
+    bars = pd.DataFrame({"method": methods}).merge(table, how="left")  # NaN: method not scored
+    x = np.arange(len(methods))
+    mean = bars["mean"].to_numpy(float)
+    error = np.vstack([mean - bars["low"].to_numpy(float), bars["high"].to_numpy(float) - mean])
+    ax.bar(x, np.nan_to_num(mean), color=[method_style(m)["color"] for m in methods],
+           yerr=np.where(np.isfinite(error), error, 0.0), capsize=2, error_kw={"linewidth": 0.8})
+    ax.set_xticks(x, labels=methods, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_ylim(*_similarity_range(table))
+    ax.set_yticks([-1.0, -0.5, 0.0, 0.5, 1.0])
+    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", zorder=0)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+
+
+def accuracy_caption(rows: pd.DataFrame) -> str:
+    """'true labels: train 99.5%, test 98.1% | random labels: train 97.0%, test 9.8%'."""
+    acc = rows[rows["metric"].isin(ACCURACY_METRICS)]
+    parts = []
+    for stage, label in LABEL_STAGES.items():
+        values = acc[acc["stage"] == stage].groupby("metric")["value"].mean()
+        if len(values):
+            shown = [f"{m.split('_')[0]} {values[m]:.1%}" for m in ACCURACY_METRICS if m in values]
+            parts.append(f"{label}: {', '.join(shown)}")
+    return " | ".join(parts)
+
+
+def random_label_grid(images: list[np.ndarray | None], captions: list[str],
+                      stage_names: list[str], maps: Mapping[str, np.ndarray], title: str = "",
+                      normalization: str = "absolute") -> Figure:
+    """Figures 5 and 6 of arXiv 1810.03292: maps of the true-label model versus the
+    random-label model, for a few inputs (two rows each: one per model) and every method
+    (columns, after the input).
+
+    images: per input, (H, W[, C]) in [0, 1] or None; captions: per input, a row label prefix.
+    stage_names: the models in ``stage_index`` order (``true_labels``, ``random_labels``).
+    maps: method -> (len(images), len(stage_names), H, W).
+    """
+    methods = method_order(maps)
+    nrows, ncols = len(images) * len(stage_names), len(methods) + 1
+    layout = _GridLayout(nrows, ["input", *methods], [*captions, "random labels"])
+    with _style():
+        fig = Figure(figsize=layout.figsize)
+        fig.subplots_adjust(**layout.margins)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for k, (image, caption) in enumerate(zip(images, captions)):
+            for s, stage in enumerate(stage_names):
+                row = axes[k * len(stage_names) + s]
+                if image is not None:
+                    _show_image(row[0], image)
+                row[0].set_axis_off()
+                for ax, method in zip(row[1:], methods):
+                    _show_map(ax, maps[method][k, s], normalization)
+                row[0].text(-0.08, 0.5, f"{caption}\n{LABEL_STAGES.get(stage, stage)}",
+                            transform=row[0].transAxes, ha="right", va="center", fontsize=8)
+        for ax, name in zip(axes[0], ["input", *methods]):
+            layout.column_title(ax, name)
+        if title:
+            fig.suptitle(title, y=1.0 - 0.08 / layout.figsize[1], va="top")
+    return fig
+
+
+def _write_random_label_grid(check_dir: Path, out: Path, max_samples: int,
+                             normalization: str) -> list[Path]:
+    samples = _first_samples(check_dir, max_samples)
+    if samples.size == 0:
+        return []
+    stage_names, maps = load_check_maps(check_dir, samples, normalization)
+    inputs = _load_inputs(check_dir.parent / "inputs.npz")
+    shown = [_input_of(inputs, sample) for sample in samples]
+    captions = [f"sample {sample}{label}" for sample, (_, label) in zip(samples, shown)]
+    fig = random_label_grid([image for image, _ in shown], captions, stage_names, maps,
+                            CHECK_TITLES[RANDOM_LABELS], normalization)
+    return save_figure(fig, out / f"{RANDOM_LABELS}_grid")
 
 
 # --------------------------------------------------------------------------- shared style

@@ -4,6 +4,7 @@ Hydra.
 """
 from __future__ import annotations
 
+import inspect
 import platform
 import subprocess
 import time
@@ -184,6 +185,11 @@ def build_trainer(cfg: DictConfig, names: dict, model, device: torch.device) -> 
     """Trains the run's architecture on the dataset's whole train split (``train`` config),
     caching checkpoints in ``cache_dir``; test accuracy on the whole test split."""
     dataset = names["dataset"][0]
+    with_splits = sorted(n for n, fn in DATASETS.items()
+                         if "split" in inspect.signature(fn).parameters)
+    if dataset not in with_splits:
+        raise ValueError(f"dataset {dataset} has no train/test split to train on; use one of "
+                         f"{', '.join(with_splits)}")
     model_cfg = _kwargs(cfg.model)
     train_set, test_set = (_load_data(cfg, dataset, model, split=s, n=None)
                            for s in ("train", "test"))

@@ -65,6 +65,32 @@ def mnist_cnn(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, se
 
 
 @MODELS.register
+def mlp(num_classes: int = 10, in_chans: int = 1, input_size: int = 28,
+        hidden: tuple[int, ...] | list[int] = (2500, 1500, 500), seed: int = 0,
+        checkpoint: str | None = None, **_) -> nn.Module:
+    """The MNIST multilayer perceptron of Adebayo et al. 2018 (arXiv 1810.03292; their code:
+    three ReLU hidden layers of 2500, 1500 and 500 units, then the logits). Input
+    (B, in_chans, input_size, input_size) in [0, 1], flattened. It has no conv layer, so
+    GradCAM and Guided GradCAM do not apply."""
+    model = nn.Sequential()
+    model.add_module("flatten", nn.Flatten())
+    width = in_chans * input_size * input_size
+    for i, units in enumerate(hidden, start=1):
+        model.add_module(f"fc{i}", nn.Linear(width, int(units)))
+        model.add_module(f"relu{i}", nn.ReLU())
+        width = int(units)
+    model.add_module(f"fc{len(hidden) + 1}", nn.Linear(width, num_classes))
+    _seeded_init(model, seed)
+    if checkpoint:
+        model.load_state_dict(_load_state_dict(checkpoint))
+    meta = ModelMeta(blocks=[f"fc{i}" for i in range(1, len(hidden) + 2)], gradcam_layer="",
+                     data_config={"input_size": (in_chans, input_size, input_size),
+                                  "mean": (0.0,) * in_chans, "std": (1.0,) * in_chans},
+                     num_classes=num_classes)
+    return attach_meta(model.eval(), meta)
+
+
+@MODELS.register
 def efficientnet_lite0(checkpoint: str | None = None, **_) -> nn.Module:
     """EfficientNet-Lite0 (Tan & Le 2019) with real ImageNet weights, offline.
 

@@ -8,4 +8,5 @@ from harness.registry import Registry
 
 METHODS = Registry("method")
 
-from methods import gradients, guided  # noqa: E402,F401  (fill the registry)
+from methods import (  # noqa: E402,F401  (fill the registry)
+    cgi, controls, gradients, guided, igos, lrp, path_methods, rectgrad)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from harness.registry import Registry
+from metrics._parallel import by_chunks, coarse_threads
 
 NORMALIZATIONS = Registry("normalization")
 
@@ -41,22 +43,50 @@ def percentile(x: Tensor, q: float) -> Tensor:
     lo = int(virtual)
     hi = min(lo + 1, n - 1)
     gamma = virtual - lo
-    # only the top (n - lo) values are needed: a partial selection beats a full sort
-    top = torch.topk(x, n - lo, dim=1, largest=True, sorted=True).values
-    a, b = top[:, -1], top[:, n - 1 - hi]
+    a, b = _order_statistics(x.detach(), lo, hi)
     diff = b - a
     out = b - diff * (1.0 - gamma) if gamma >= 0.5 else a + diff * gamma
-    return out.masked_fill(torch.isnan(x).any(dim=1), float("nan"))
+    return out.masked_fill(_has_nan(x), float("nan"))
+
+
+def _order_statistics(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """The ``lo``-th and ``hi``-th smallest entries (0-based) of each row of ``x`` (B, N) ->
+    two (B,), for ``hi`` = ``lo`` or ``lo + 1``; meaningless for rows with NaN."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        # a selection, like np.percentile: 3-4x faster than torch.topk on CPU
+        part = np.partition(x.numpy(), lo, axis=1)
+        b = part[:, hi:].min(axis=1) if hi > lo else part[:, lo]
+        return torch.from_numpy(part[:, lo].copy()), torch.from_numpy(b)
+    top = torch.topk(x, x.shape[1] - lo, dim=1, largest=True, sorted=True).values
+    return top[:, -1], top[:, x.shape[1] - 1 - hi]
+
+
+def _has_nan(x: Tensor) -> Tensor:
+    """Rows of ``x`` (B, N) with a NaN -> bool (B,)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.isnan(x.detach().numpy()).any(axis=1))  # 5x torch's
+    return torch.isnan(x).any(dim=1)
+
+
+def _channel_sum(m: Tensor, absolute: bool) -> Tensor:
+    """``sum_c m`` or ``sum_c |m|`` of (B, C, H, W) -> float64 (B, H, W), channel by channel
+    (30 % faster than a float64 reduction over dim 1)."""
+    s = (m[:, 0].abs() if absolute else m[:, 0]).to(torch.float64, copy=True)
+    for c in range(1, m.shape[1]):
+        s += m[:, c].abs() if absolute else m[:, c]
+    return s
 
 
 def _by_samples(fn: Callable[[Tensor], Tensor], m: Tensor) -> Tensor:
     """``fn(m)`` for a per-sample ``fn`` (B, C, H, W) -> (B, H, W), computed on slices of the
-    batch so that the float64 intermediates stay in the CPU cache (about 1.5x faster)."""
+    batch so that the float64 intermediates stay in the CPU cache (about 1.5x faster), on
+    several threads (see :mod:`metrics._parallel`)."""
     _check_bchw(m)
-    rows = max(1, CHUNK_PIXELS // max(1, m.shape[2] * m.shape[3]))
-    if m.shape[0] <= rows:
+    if m.shape[0] == 0:
         return fn(m)
-    return torch.cat([fn(part) for part in m.split(rows)])
+    parts = by_chunks(fn, m, row_pixels=m.shape[2] * m.shape[3],
+                      chunk_pixels=CHUNK_PIXELS)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _scale(s: Tensor, shift: Tensor, span: Tensor, low: float, dtype: torch.dtype) -> Tensor:
@@ -70,14 +100,14 @@ def _scale(s: Tensor, shift: Tensor, span: Tensor, low: float, dtype: torch.dtyp
 
 
 def _absolute(m: Tensor) -> Tensor:
-    s = m.abs().sum(dim=1, dtype=torch.float64)
+    s = _channel_sum(m, absolute=True)
     flat = s.flatten(1)
     vmin = flat.amin(dim=1)
     return _scale(s, vmin, percentile(flat, PERCENTILE) - vmin, 0.0, m.dtype)
 
 
 def _signed(m: Tensor) -> Tensor:
-    s = m.sum(dim=1, dtype=torch.float64)
+    s = _channel_sum(m, absolute=False)
     flat = s.flatten(1)
     span = percentile(flat.abs(), PERCENTILE)
     # a constant non-zero map would become all +-1: undefined like the other constant maps
@@ -86,6 +116,7 @@ def _signed(m: Tensor) -> Tensor:
 
 
 @NORMALIZATIONS.register
+@coarse_threads
 def absolute(m: Tensor) -> Tensor:
     """Absolute-value grayscale map (Adebayo et al.'s ``abs_grayscale_norm``), in [0, 1].
 
@@ -96,6 +127,7 @@ def absolute(m: Tensor) -> Tensor:
 
 
 @NORMALIZATIONS.register
+@coarse_threads
 def signed(m: Tensor) -> Tensor:
     """Signed grayscale map in [-1, 1]: ``clip(s / p99(|s|), -1, 1)`` with ``s = sum_c m``.
 
@@ -106,6 +138,7 @@ def signed(m: Tensor) -> Tensor:
     return _by_samples(_signed, m)
 
 
+@coarse_threads
 def is_constant(m: Tensor) -> Tensor:
     """Which samples of a raw map (B, C, H, W) are constant (all entries equal) -> bool (B,).
 

@@ -6,6 +6,14 @@ speed against scikit-image/scipy on identical maps. Prints a table; writes nothi
     forward+backward of the same inputs.
 (b) the four metrics on 64 pairs of 224x224 maps: batched torch versus a loop of
     skimage.metrics.structural_similarity / scipy.stats.spearmanr / skimage.feature.hog.
+(c) ``--methods``: every registered method on efficientnet_lite0 and foolbox photos, at its
+    defaults (the papers' settings) with internal_batch_size 16: seconds per map and rows per
+    map through the model's first conv, forward and backward (a forward+backward of one image
+    is 1 + 1); then CGI over all 1000 classes (batched vector-Jacobian products) versus a loop
+    of one backward per class on the same photo, same run, same result.
+
+Usage: ``python scripts/bench.py`` runs (a) and (b); ``--methods [NAME ...]`` runs (c), for
+the named methods only if given.
 """
 from __future__ import annotations
 
@@ -83,30 +91,153 @@ def reference_metrics(a: np.ndarray, b: np.ndarray, sa: np.ndarray, sb: np.ndarr
 
 
 def bench_metrics(pairs: int = 64, size: int = 224) -> None:
+    from metrics.similarity import clear_cache
+
     g = torch.Generator().manual_seed(0)
     raw_a = torch.randn(pairs, 3, size, size, generator=g)
     raw_b = raw_a + 0.5 * torch.randn(pairs, 3, size, size, generator=g)
     maps = {norm: (NORMALIZATIONS[norm](raw_a), NORMALIZATIONS[norm](raw_b))
             for norm in ("absolute", "signed")}
 
-    def harness():
-        return [METRICS[k](*maps[v]) for k, v in FOUR.items()]
+    def metric(name: str):
+        return METRICS[name](*maps[FOUR[name]])
+
+    def alone(name: str):
+        clear_cache()
+        return metric(name)
+
+    def harness(cached: bool = False):
+        if not cached:
+            clear_cache()  # distinct pairs: nothing memoized from a previous run
+        return [metric(name) for name in FOUR]
 
     ours = timed(harness, repeat=3)
+    tic = time.process_time()
+    harness()
+    ours_cpu = time.process_time() - tic
+    per_metric = {name: timed(partial(alone, name), repeat=3) for name in FOUR}
+    harness(cached=True)
+    cached = timed(partial(harness, cached=True), repeat=3)
     np_maps = {k: (a.double().numpy(), b.double().numpy()) for k, (a, b) in maps.items()}
     tic = time.perf_counter()
     ref = np.array(reference_metrics(*np_maps["absolute"], *np_maps["signed"]))
     theirs = time.perf_counter() - tic
     values = torch.stack(harness(), 1).double().numpy()
-    print(f"(b) four metrics on {pairs} pairs of {size}x{size} maps")
-    print(f"    harness (batched torch):   {ours * 1e3:8.1f} ms")
+    print(f"(b) four metrics on {pairs} pairs of {size}x{size} maps, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"    harness (batched):         {ours * 1e3:8.1f} ms  (cpu {ours_cpu * 1e3:.1f} ms)")
+    print("    per pair:                  " + "  ".join(
+        f"{name} {t * 1e3 / pairs:.2f}" for name, t in per_metric.items()) + " ms")
+    print(f"    reference maps memoized:   {cached * 1e3:8.1f} ms  (as in the checks, where "
+          f"b is the same at every stage)")
     print(f"    skimage/scipy loop:        {theirs * 1e3:8.1f} ms")
     print(f"    speed-up:                  {theirs / ours:8.1f} x  (target >= 10)")
     print(f"    largest difference:        {np.abs(values - ref).max():.2e}")
 
 
-def main() -> None:
+def first_conv_weight(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
+    """Shape of the weight of the first conv a forward pass runs (the stem)."""
+    from harness.randomize import execution_order
+
+    for name in execution_order(model, x[:1]):
+        module = model.get_submodule(name)
+        if isinstance(module, torch.nn.Conv2d):
+            return list(module.weight.shape)
+    raise ValueError("the model has no conv layer")
+
+
+def rows_through_stem(fn, weight_shape: list[int]) -> tuple[float, int, int]:
+    """Wall time of ``fn()`` and the rows (images) it runs through the stem conv, forward and
+    backward, counted with the profiler: it sees through torch.func.vmap (folded batches),
+    captum and zennit. Only innermost events count (vmap's plumbing repeats the op name one
+    level up). The time includes the profiler's bookkeeping (a few percent)."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        tic = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - tic
+    rows = {"aten::convolution": 0, "aten::convolution_backward": 0}
+    position = {"aten::convolution": 1, "aten::convolution_backward": 2}  # the weight's index
+    for event in prof.events():
+        if event.name not in rows or any(c.name == event.name for c in event.cpu_children):
+            continue
+        shapes = event.input_shapes
+        if len(shapes) > position[event.name] and shapes[position[event.name]] == weight_shape:
+            rows[event.name] += shapes[0][0]
+    return seconds, rows["aten::convolution"], rows["aten::convolution_backward"]
+
+
+def bench_methods(names: list[str] | None = None, n: int = 1,
+                  internal_batch_size: int = 16) -> None:
+    from checks._scoring import predict
+
+    torch.set_flush_denormal(True)  # as the runner does by default
+    model = MODELS["efficientnet_lite0"]()
+    data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
+    x = data.inputs
+    target = predict(model, x, n)
+    stem = first_conv_weight(model, x)
+    METHODS["gradient"](model, x, target)  # warm-up
+    print(f"(c) every method on efficientnet_lite0, {n} photo(s), defaults, "
+          f"internal_batch_size={internal_batch_size}")
+    print(f"    {'method':<22}{'s/map':>10}{'fwd rows/map':>14}{'bwd rows/map':>14}")
+    for name in names or sorted(METHODS):
+        method = partial(METHODS[name], internal_batch_size=internal_batch_size, seed=0)
+        seconds, forward, backward = rows_through_stem(lambda: method(model, x, target), stem)
+        print(f"    {name:<22}{seconds / n:>10.2f}{forward / n:>14.1f}{backward / n:>14.1f}",
+              flush=True)
+    if names is None or "cgi" in names:
+        bench_cgi_batching(model, x[:1], target[:1], internal_batch_size)
+
+
+def looped_cgi(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CGI with one forward and a loop of one backward per class (the baseline of (c))."""
+    leaf = x.detach().clone().requires_grad_(True)
+    logits = model(leaf)
+    value = best = worst = None
+    for c in [int(target[0]), *[c for c in range(logits.shape[1]) if c != int(target[0])]]:
+        (grad,) = torch.autograd.grad(logits[:, c].sum(), leaf, retain_graph=True)
+        contribution = grad * x
+        if value is None:
+            value, best, worst = contribution, contribution, contribution
+        best, worst = torch.maximum(best, contribution), torch.minimum(worst, contribution)
+    wins = ((value > 0) & (value >= best)) | ((value < 0) & (value <= worst))
+    return torch.where(wins, value, torch.zeros_like(value))
+
+
+def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
+                       internal_batch_size: int) -> None:
+    """CGI over all classes of one photo: batched VJPs (``METHODS["cgi"]``) vs the loop."""
+    tic = time.perf_counter()
+    batched = METHODS["cgi"](model, x, target, classes="all",
+                             internal_batch_size=internal_batch_size)
+    batched_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    looped = looped_cgi(model, x, target)
+    looped_s = time.perf_counter() - tic
+    agree = ((batched != 0) == (looped != 0)).float().mean().item()
+    scale = looped.abs().max()
+    print(f"    CGI, all {model_meta(model).num_classes or 'the'} classes, one photo")
+    print(f"    batched VJPs (internal_batch_size={internal_batch_size}): {batched_s:8.1f} s")
+    print(f"    loop of one backward per class:          {looped_s:8.1f} s")
+    print(f"    speed-up of batching:                     {looped_s / batched_s:8.2f} x")
+    print(f"    same winners: {agree:.5f} of the features; largest difference "
+          f"{((batched - looped).abs().max() / scale).item():.1e} of the largest value")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Benchmarks of the harness (prints tables).")
+    parser.add_argument("--methods", nargs="*", metavar="NAME",
+                        help="(c) the per-method table (all registered methods if no name)")
+    parser.add_argument("--n", type=int, default=1, help="photos per method in (c)")
+    args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
+    if args.methods is not None:
+        bench_methods(args.methods or None, n=args.n)
+        return
     bench_cascading()
     bench_metrics()
 

@@ -3,8 +3,11 @@
 Generic properties of every registered metric (identity scores 1, shape (B,), row-wise
 independence, NaN for constant / NaN maps without warnings), then equality with the references
 within 1e-5: skimage's SSIM and HOG, scipy's Spearman (with ties) and Pearson, on random maps and
-on maps produced by both normalizations, including 224x224 and non-multiple-of-cell sizes.
+on maps produced by both normalizations, including 224x224 and non-multiple-of-cell sizes. Then
+the machinery of speed: both sort paths of the ranks, threads (same bits as one thread), and the
+pieces memoized on the reference tensor (transparent, invalidated by in-place changes, weak).
 """
+import gc
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from omegaconf import OmegaConf
 from skimage.feature import hog as sk_hog
 from skimage.metrics import structural_similarity
 
+import metrics._parallel as parallel_mod
 import metrics.normalize as normalize_mod
 import metrics.similarity as similarity_mod
 from metrics import METRICS, NORMALIZATIONS
@@ -49,6 +53,13 @@ def uniform_pair(b: int, h: int, w: int, seed: int = 0):
     g = gen(seed)
     a = torch.rand(b, h, w, generator=g, dtype=torch.float64)
     return a, (a + 0.5 * torch.rand(b, h, w, generator=g, dtype=torch.float64)).clamp(max=1.0)
+
+
+def bright_pair(b: int, h: int, w: int, seed: int = 0):
+    """High mean, tiny variance: the hardest case for SSIM's float32 variance E[x^2] - E[x]^2."""
+    g = gen(seed)
+    a = 0.99 + 0.001 * torch.rand(b, h, w, generator=g, dtype=torch.float64)
+    return a, (a + 0.0005 * torch.rand(b, h, w, generator=g, dtype=torch.float64)).clamp(max=1.0)
 
 
 def tie_pair(b: int, h: int, w: int, seed: int = 0, levels: int = 4):
@@ -94,15 +105,18 @@ def test_rows_are_independent(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))
-def test_constant_or_nan_row_gives_nan(name):
-    a, b = normalized_pair("absolute", *SHAPE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_constant_or_nan_row_gives_nan(name, dtype):
+    a, b = normalized_pair("absolute", 5, *SHAPE[1:], dtype=dtype)
     a[1] = 0.0  # constant
     b[2] = 0.3  # constant in the second map only
     a[3, 5, 7] = float("nan")
+    b[4, 6, 8] = -float("inf")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         score = METRICS[name](a, b)
     assert torch.isfinite(score[0]) and torch.isnan(score[1:]).all()
+    assert torch.equal(score[0], METRICS[name](a[:1], b[:1])[0])  # the others do not leak
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))
@@ -169,6 +183,7 @@ def pairs():
                     DATA_RANGE[norm]))
     out.append(("uniform 50x49", *uniform_pair(3, 50, 49, seed=4), 1.0))
     out.append(("ties 48x64", *tie_pair(3, 48, 64, seed=5), 1.0))
+    out.append(("bright flat 48x64", *bright_pair(3, 48, 64, seed=6), 1.0))
     return out
 
 
@@ -195,17 +210,57 @@ def test_spearman_equals_scipy(label, a, b, data_range):
         np.testing.assert_allclose(METRICS[name](a, b).numpy(), ref, atol=TOL, rtol=0)
 
 
-def test_average_ranks_equal_rankdata_with_ties(monkeypatch):
+def test_average_ranks_equal_rankdata_with_ties():
     g = gen(7)
-    x = torch.randint(0, 5, (3, 500), generator=g).float()
+    x = torch.randint(0, 5, (4, 500), generator=g).float()
     x[1] = torch.rand(500, generator=g)
     x[2, :250] = 0.0
     x[2, 100] = -0.0  # equal to 0.0, must share its rank
+    x[3] = torch.randn(500, generator=g)
+    x[3, ::5] = x[3, 1::5]  # negative and positive ties
     ref = scipy.stats.rankdata(x.numpy(), axis=1)
+    # float32 (packed sort), float64 holding float32 values (the same), float64 (argsort)
     np.testing.assert_array_equal(average_ranks(x).numpy(), ref)
-    # the non-CPU path (torch.argsort, a different order among ties) gives the same ranks
-    monkeypatch.setattr(similarity_mod, "_argsort_rows", lambda v: torch.argsort(v, dim=1))
-    np.testing.assert_array_equal(average_ranks(x).numpy(), ref)
+    np.testing.assert_array_equal(average_ranks(x.double()).numpy(), ref)
+    y = x.double() + 1e-12 * torch.rand(4, 500, generator=g, dtype=torch.float64)
+    y[:, 1:491:7] = y[:, 4:494:7]  # ties between values that float32 could not hold
+    np.testing.assert_array_equal(average_ranks(y).numpy(),
+                                  scipy.stats.rankdata(y.numpy(), axis=1))
+
+
+def test_average_ranks_inf_and_nan_rows():
+    x = torch.rand(3, 300, generator=gen(8))
+    x[0, 3], x[0, 4], x[0, 5] = float("inf"), -float("inf"), float("inf")
+    x[1, 7] = float("nan")
+    ranks = average_ranks(x).numpy()
+    np.testing.assert_array_equal(ranks[[0, 2]], scipy.stats.rankdata(x[[0, 2]].numpy(), axis=1))
+    assert np.isnan(ranks[1]).all()  # as scipy's rankdata: a NaN row has no ranking
+
+
+def test_average_ranks_with_flush_denormal():
+    """The runner flushes denormals to zero; the sort keys of zeros must survive it."""
+    x = torch.rand(3, 3000, generator=gen(10)) - 0.5
+    x[:, ::3] = 0.0
+    x[1, ::7] = -0.0
+    ref = scipy.stats.rankdata(x.numpy(), axis=1)
+    try:
+        torch.set_flush_denormal(True)
+        ranks = average_ranks(x).numpy()
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(ranks, ref)
+
+
+def test_rank_sort_paths_agree():
+    """The packed float32 sort and the float64 argsort give the same centered ranks."""
+    x = (torch.randn(3, 2000, generator=gen(9)) * 4).round() / 4  # many ties, both signs
+    x[1, :100] = -0.0
+    x32 = x.numpy()
+    for fast, slow in zip(similarity_mod._centered_ranks(x32),
+                          similarity_mod._centered_ranks(x32.astype(np.float64))):
+        np.testing.assert_array_equal(fast, slow)
+    d, sq = similarity_mod._centered_ranks(x32)  # the sums of squares from the ties alone
+    np.testing.assert_array_equal(sq, (d.astype(np.float64) ** 2).sum(axis=1))
 
 
 @pytest.mark.parametrize("label,a,b,data_range", PAIRS, ids=IDS)
@@ -259,6 +314,101 @@ def test_hog_features_nan_row():
     assert torch.isnan(feats[1]).all() and torch.equal(feats[[0, 2, 3]], clean[[0, 2, 3]])
 
 
+# --------------------------------------------------------------------------- threads and cache
+CACHED = ("spearman", "spearman_abs", "hog")  # metrics that memoize pieces of ``b``
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_threads_give_identical_scores(name, monkeypatch):
+    """Slices of rows on the thread pool give the same bits as in the calling thread."""
+    a, b = normalized_pair("absolute", 6, 48, 64, seed=20, dtype=torch.float32)
+    monkeypatch.setattr(similarity_mod, "CHUNK_PIXELS", 2 * 48 * 64)  # three slices
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = METRICS[name](a, b)
+        similarity_mod.clear_cache()
+        torch.set_num_threads(2)
+        pooled = METRICS[name](a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial.isnan(), pooled.isnan())
+    assert torch.equal(serial.nan_to_num(), pooled.nan_to_num())
+
+
+def test_threads_keep_their_setting():
+    """Pool workers run torch single-threaded, and the caller's setting is what it was."""
+    threads = torch.get_num_threads()
+    pool = parallel_mod._pool()
+    assert torch.get_num_threads() == threads
+    assert set(pool.map(lambda _: torch.get_num_threads(), range(8))) == {1}
+    a, b = normalized_pair("absolute", 2, 48, 64, seed=25)
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(similarity_mod, "_ssim_rows",
+                      lambda *x, _f=similarity_mod._ssim_rows, **k:
+                      seen.append(torch.get_num_threads()) or _f(*x, **k))
+        METRICS["ssim"](a, b)
+    assert seen and set(seen) == {1}  # slices run single-threaded in the caller, too
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_reference_cache_is_transparent(name, monkeypatch):
+    a, b = normalized_pair("absolute", 3, 48, 64, seed=21, dtype=torch.float32)
+    a2, _ = normalized_pair("absolute", 3, 48, 64, seed=22, dtype=torch.float32)
+    similarity_mod.clear_cache()
+    first = METRICS[name](a, b)
+    calls = {"_centered_ranks": 0, "_hog_numpy": 0}  # pieces computed from now on
+
+    def counting(fn_name):
+        orig = getattr(similarity_mod, fn_name)
+
+        def wrapper(*args, **kw):
+            calls[fn_name] += 1
+            return orig(*args, **kw)
+        return wrapper
+
+    for fn_name in calls:
+        monkeypatch.setattr(similarity_mod, fn_name, counting(fn_name))
+    again = METRICS[name](a, b)
+    other = METRICS[name](a2, b)  # another first map, the same reference
+    # b's ranks and descriptors come from the cache; hog still describes a and a2
+    assert calls == {"_centered_ranks": 0, "_hog_numpy": 2 if name == "hog" else 0}
+    assert torch.equal(again, first)
+    monkeypatch.undo()
+    similarity_mod.clear_cache()
+    assert torch.equal(METRICS[name](a2, b.clone()), other)  # the same bits without the cache
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_reference_cache_sees_in_place_changes(name):
+    a, b = normalized_pair("absolute", 3, 48, 64, seed=23, dtype=torch.float32)
+    before = METRICS[name](a, b)
+    b[1] = b[1].flip(0)  # in place: the memoized ranks / descriptors of b are stale
+    after = METRICS[name](a, b)
+    assert torch.equal(after, METRICS[name](a, b.clone()))
+    assert not torch.equal(after[1], before[1]) and torch.equal(after[[0, 2]], before[[0, 2]])
+    b.view(-1)[2 * 48 * 64:] = 0.5  # through another view: the NaN/constant flags are stale
+    last = METRICS[name](a, b)
+    assert torch.isnan(last[2]) and torch.equal(last[:2], after[:2])
+
+
+def test_reference_cache_is_weak_and_skips_inference_tensors():
+    a, b = normalized_pair("absolute", 2, 48, 64, seed=24, dtype=torch.float32)
+    similarity_mod.clear_cache()
+    METRICS["spearman"](a, b)
+    assert b in similarity_mod._PIECES and a in similarity_mod._PIECES  # a: NaN/constant flags
+    del b
+    gc.collect()
+    assert len(similarity_mod._PIECES) == 1  # b's pieces went with b
+    with torch.inference_mode():  # no version counter: computed every time, never stored
+        c = a.flip(1)
+        score = METRICS["spearman"](a, c)
+    assert len(similarity_mod._PIECES) == 1
+    assert torch.equal(score, METRICS["spearman"](a, c.clone()))
+
+
 # --------------------------------------------------------------------------- normalizations
 def np_absolute(m: np.ndarray) -> np.ndarray:
     s = np.abs(m).sum(axis=0)
@@ -283,7 +433,9 @@ def test_normalizations_registered():
 def test_normalization_equals_numpy(norm, dtype):
     for shape in [(3, 3, 37, 41), (2, 3, 224, 224), (2, 1, 20, 20)]:
         m = (torch.randn(*shape, generator=gen(12), dtype=torch.float64) ** 3).to(dtype)
+        before = m.clone()
         out = NORMALIZATIONS[norm](m)
+        assert torch.equal(m, before)  # the input is left alone
         assert out.shape == (shape[0], *shape[2:]) and out.dtype == dtype
         ref = np.stack([NP_REF[norm](x) for x in m.double().numpy()])
         np.testing.assert_allclose(out.double().numpy(), ref, atol=1e-6, rtol=0)
