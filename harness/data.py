@@ -148,7 +148,8 @@ def digits(n: int | None = 16, data_config: dict | None = None, split: str = "al
     inputs, mean, std = _to_model_input(images, data_config or {})
     return Dataset(inputs=inputs, labels=torch.tensor(bunch.target[indices]),
                    samples=torch.as_tensor(indices), mean=mean, std=std,
-                   source="scikit-learn load_digits" + ("" if split == "all" else f", {split} split"))
+                   source="scikit-learn load_digits"
+                   + ("" if split == "all" else f", {split} split"))
 
 
 def _digits_split(total: int, split: str) -> np.ndarray:

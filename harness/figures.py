@@ -391,7 +391,7 @@ def _input_of(inputs: dict[str, np.ndarray] | None, sample: int) -> tuple[np.nda
     return inputs["images"][i], ""
 
 
-# --------------------------------------------------------------------------- Figures 5/6: random labels
+# ------------------------------------------------------------------- Figures 5/6: random labels
 
 
 def random_label_bars(rows: pd.DataFrame, title: str = "") -> Figure:

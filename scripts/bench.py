@@ -148,30 +148,33 @@ def first_conv_weight(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
 
 def rows_through_stem(fn, weight_shape: list[int]) -> tuple[float, int, int]:
     """Wall time of ``fn()`` and the rows (images) it runs through the stem conv, forward and
-    backward, counted with the profiler: it sees through torch.func.vmap (folded batches),
-    captum and zennit. Only innermost events count (vmap's plumbing repeats the op name one
-    level up). The time includes the profiler's bookkeeping (a few percent)."""
-    from torch.profiler import profile
+    backward: a TorchDispatchMode sees every aten convolution below torch.func.vmap (batches
+    folded into rows), captum and zennit (including the forwards its rules recompute). The time
+    includes the mode's Python call per aten op (about 1 ms per backward of one image)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    with profile(record_shapes=True) as prof:
+    aten = torch.ops.aten
+    weight_index = {aten.convolution.default: 1, aten.convolution_backward.default: 2}
+    rows = {aten.convolution.default: 0, aten.convolution_backward.default: 0}
+
+    class StemRows(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in rows and list(args[weight_index[func]].shape) == weight_shape:
+                rows[func] += args[0].shape[0]
+            return func(*args, **(kwargs or {}))
+
+    with StemRows():
         tic = time.perf_counter()
         fn()
         seconds = time.perf_counter() - tic
-    rows = {"aten::convolution": 0, "aten::convolution_backward": 0}
-    position = {"aten::convolution": 1, "aten::convolution_backward": 2}  # the weight's index
-    for event in prof.events():
-        if event.name not in rows or any(c.name == event.name for c in event.cpu_children):
-            continue
-        shapes = event.input_shapes
-        if len(shapes) > position[event.name] and shapes[position[event.name]] == weight_shape:
-            rows[event.name] += shapes[0][0]
-    return seconds, rows["aten::convolution"], rows["aten::convolution_backward"]
+    return seconds, rows[aten.convolution.default], rows[aten.convolution_backward.default]
 
 
 def bench_methods(names: list[str] | None = None, n: int = 1,
                   internal_batch_size: int = 16) -> None:
     from checks._scoring import predict
 
+    names = [name for name in (names or sorted(METHODS)) if METHODS[name]]  # unknown: fail now
     torch.set_flush_denormal(True)  # as the runner does by default
     model = MODELS["efficientnet_lite0"]()
     data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
@@ -182,12 +185,12 @@ def bench_methods(names: list[str] | None = None, n: int = 1,
     print(f"(c) every method on efficientnet_lite0, {n} photo(s), defaults, "
           f"internal_batch_size={internal_batch_size}")
     print(f"    {'method':<22}{'s/map':>10}{'fwd rows/map':>14}{'bwd rows/map':>14}")
-    for name in names or sorted(METHODS):
+    for name in names:
         method = partial(METHODS[name], internal_batch_size=internal_batch_size, seed=0)
         seconds, forward, backward = rows_through_stem(lambda: method(model, x, target), stem)
         print(f"    {name:<22}{seconds / n:>10.2f}{forward / n:>14.1f}{backward / n:>14.1f}",
               flush=True)
-    if names is None or "cgi" in names:
+    if "cgi" in names:
         bench_cgi_batching(model, x[:1], target[:1], internal_batch_size)
 
 
