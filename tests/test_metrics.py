@@ -349,8 +349,28 @@ def test_threads_keep_their_setting():
                       lambda *x, _f=similarity_mod._ssim_rows, **k:
                       seen.append(torch.get_num_threads()) or _f(*x, **k))
         METRICS["ssim"](a, b)
-    assert seen and set(seen) == {1}  # slices run single-threaded in the caller, too
+    assert seen and set(seen) == {1}  # slices run single-threaded on the driver, too
     assert torch.get_num_threads() == threads
+
+
+def test_caller_thread_count_is_never_toggled(monkeypatch):
+    """Metrics and normalizations never call ``torch.set_num_threads`` on the caller's thread:
+    toggling it costs the model's next forward+backward about 100 ms (see _parallel)."""
+    import threading
+
+    parallel_mod._pool(), parallel_mod._driver()  # pools built (their one-time setting done)
+    caller = threading.get_ident()
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads",
+                        lambda n: calls.append(threading.get_ident()) or real(n))
+    a, b = normalized_pair("absolute", 4, 48, 64, seed=26)
+    raw = torch.randn(4, 3, 48, 64)
+    for fn in (NORMALIZATIONS["absolute"], NORMALIZATIONS["signed"]):
+        fn(raw)
+    for name in sorted(METRICS):
+        METRICS[name](a, b)
+    assert caller not in calls
 
 
 @pytest.mark.parametrize("name", CACHED)
