@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+import harness  # noqa: E402,F401  (first: it sets torch's allocator, see harness/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
