@@ -50,15 +50,26 @@ def sobel(model: nn.Module, x: Tensor, target: Tensor, *, internal_batch_size: i
 
 sobel.uses_model = False
 
-# Calls of random_uniform per model object. A run builds its model once, so a rerun of the same
-# run (same seed, same order of calls) draws the same sequence of maps; the weak keys let the
-# model be garbage-collected as usual.
-_CALLS: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
+# Per model object: (fingerprint of its weights when first seen, calls so far). A run builds its
+# models once, so a rerun of the same run (same seed, same order of calls) draws the same
+# sequence of maps; two models (the true-label and the random-label model of the data
+# randomization test) start different sequences; the weak keys let models be collected.
+_CALLS: WeakKeyDictionary[nn.Module, tuple[str, int]] = WeakKeyDictionary()
 
 
-def call_seed(seed: int, call: int) -> int:
-    """A 63-bit seed for the ``call``-th draw of a run with base ``seed``."""
-    digest = hashlib.sha256(f"random_uniform:{seed}:{call}".encode()).digest()
+def model_fingerprint(model: nn.Module) -> str:
+    """A short digest of the model's first parameter (its stem, typically: small and cheap),
+    so that different models draw different noise and a rebuilt model the same noise."""
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        return type(model).__name__
+    data = first.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def call_seed(seed: int, model: str, call: int) -> int:
+    """A 63-bit seed for the ``call``-th draw for a model of fingerprint ``model``."""
+    digest = hashlib.sha256(f"random_uniform:{seed}:{model}:{call}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -68,12 +79,13 @@ def random_uniform(model: nn.Module, x: Tensor, target: Tensor, *,
     """U(-1, 1) noise, fresh at every call (Binder et al. 2023, arXiv 2211.12486): a control
     that scores about 0 at every randomization stage. x: (B, C, H, W) -> (B, C, H, W).
 
-    The n-th call on a model draws from a private generator seeded by (seed, n): reproducible
-    for a rerun of the run, the global RNG untouched; the model is never called.
+    The n-th call on a model draws from a private generator seeded by (seed, the model's
+    weights when first seen, n): reproducible for a rerun of the run, different for another
+    model, the global RNG untouched; the model is never called.
     """
-    call = _CALLS.get(model, 0)
-    _CALLS[model] = call + 1
-    generator = torch.Generator(device=x.device).manual_seed(call_seed(seed, call))
+    fingerprint, call = _CALLS.get(model) or (model_fingerprint(model), 0)
+    _CALLS[model] = (fingerprint, call + 1)
+    generator = torch.Generator(device=x.device).manual_seed(call_seed(seed, fingerprint, call))
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return 2 * noise - 1
 

@@ -418,6 +418,9 @@ def test_random_uniform_fresh_per_call_reproducible_per_run(tiny_model, tiny_bat
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other_seed = METHODS["random_uniform"](MODELS["tiny_cnn"](), x, target, seed=6)
     assert not torch.equal(other_seed, first[0])
+    # another model (the random-label model of the data randomization test): other noise
+    other_model = MODELS["tiny_cnn"](num_classes=5, in_chans=3, seed=1)
+    assert not torch.equal(METHODS["random_uniform"](other_model, x, target, seed=5), first[0])
 
 
 METRIC_NORMALIZATION = {"ssim": "absolute", "spearman": "signed", "spearman_abs": "absolute",

@@ -217,6 +217,17 @@ def test_check_rows_accuracies_and_maps(tmp_path):
         ("gradient", 0), ("gradient", 1), ("guided_backprop", 0), ("guided_backprop", 1)]
 
 
+def test_controls_ignore_the_retraining(tmp_path):
+    """The model-independent controls: sobel scores 1 at both stages (it never looks at the
+    model); random_uniform about 0 at both (fresh noise for every call and every model)."""
+    ctx = make_ctx(make_trainer(tmp_path), n=4, methods=("sobel", "random_uniform"))
+    rows = pd.DataFrame([r for r in CHECKS["random_labels"](ctx)
+                         if isinstance(r, dict) and r["sample"] >= 0])
+    by_method = rows.groupby(["method", "stage_index"])["value"]
+    assert (by_method.min()["sobel"] > 1 - 1e-6).all()
+    assert (by_method.mean()["random_uniform"].abs() < 0.15).all()
+
+
 @pytest.mark.parametrize("target", ["fixed", "argmax"])
 def test_check_target_policies(tmp_path, target):
     trainer = make_trainer(tmp_path)
