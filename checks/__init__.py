@@ -7,4 +7,4 @@ from harness.registry import Registry
 
 CHECKS = Registry("check")
 
-from checks import model_randomization, random_labels  # noqa: E402,F401  (fill the registry)
+from checks import input_bias, model_randomization, random_labels  # noqa: E402,F401  (fill the registry)
