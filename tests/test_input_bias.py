@@ -260,7 +260,8 @@ def test_dark_object_masks_match_the_images():
         assert abs(inside.mean() - expected_in) < 0.03 and abs(outside.mean() - expected_out) < 0.03
         # every pixel is on the side of 0.5 its mask says (noise 0.05 cannot cross it)
         assert ((inside < 0.5) == dark).all() and ((outside < 0.5) != dark).all()
-    assert set(data.labels.tolist()) == {0, 1, 2} and data.class_names == ["square", "disk", "cross"]
+    assert set(data.labels.tolist()) == {0, 1, 2}
+    assert data.class_names == ["square", "disk", "cross"]
 
 
 def test_dark_object_is_fixed_by_its_seed_and_split():
