@@ -14,12 +14,14 @@ directly) is changed so that it computes exactly what it computed on x:
   layer's output, D = layer(0) - layer'(beta), added to every output: a per-position bias that
   is 0 in the interior (up to rounding) and equals the padding taps' share at the border. It is
   the same as padding x' with beta; it works for any padding scheme of the layer (timm's dynamic
-  "same" padding included), and for dense layers it only removes rounding.
+  "same" padding included), and for dense layers it only removes rounding. D is recomputed
+  from the layer's current weights at every forward (two one-image passes of the layer), so it
+  stays exact when a method changes the layer for its call (LRP merges BatchNorm into it).
 
 So layer'(x') + D = layer(x) for every x, up to float rounding. Methods see a model that
 computes the same function; only the input they are given changed. LRP rules that recompute the
-layer's output see the new bias but not D (a forward hook); the rows record the first layer and
-the size of D.
+layer's output with modified parameters see the new bias but not D (a forward hook); the rows
+record the first layer and the size of D.
 
 Everything happens inside :func:`compensated`, which restores the layer's weights, its bias (or
 its absence) and removes the hook on exit, also after an exception.
@@ -121,7 +123,8 @@ def compensated(model: nn.Module, alpha: Tensor, beta: Tensor,
             shifted = per_feature(beta, example, shape)
             layer.bias.sub_(_weights_times(layer, beta, shifted))
             border = original_zero - layer(shifted)
-        handle = layer.register_forward_hook(lambda _m, _a, out: out + border)
+        handle = layer.register_forward_hook(
+            lambda module, _args, out: out + border_correction(module, beta, shifted))
         yield Compensation(layer=name, kind=type(layer).__name__, added_bias=not had_bias,
                            border=float(border.abs().max()))
     finally:
@@ -149,6 +152,21 @@ def _divide_input_weights(layer: nn.Module, alpha: Tensor, flat_alpha: Tensor) -
     weight = layer.weight
     grouped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
     grouped.div_(alpha.view(groups, 1, -1, 1, 1))
+
+
+@torch.no_grad()
+def border_correction(layer: nn.Module, beta: Tensor, shifted: Tensor) -> Tensor:
+    """D = W beta - (layer(beta) - layer(0)) with the layer's current weights: what the padded
+    taps of a constant input beta would have added, (1, K, ...); 0 away from the border.
+
+    Computed from the current weights at every call, so it stays right when a method changes
+    the layer for the length of its call (LRP canonizers merge the following BatchNorm into it:
+    D scales with the merged weights). The layer's class ``forward`` runs, not its hooks.
+    """
+    forward = type(layer).forward
+    linear = forward(layer, shifted) - forward(layer, torch.zeros_like(shifted))
+    interior = _weights_times(layer, beta, shifted)
+    return interior.view(1, -1, *([1] * (linear.dim() - 2))) - linear
 
 
 def _weights_times(layer: nn.Module, beta: Tensor, shifted: Tensor) -> Tensor:

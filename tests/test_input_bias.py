@@ -146,6 +146,31 @@ def test_real_models_logits_unchanged(build):
     assert unchanged(model, before)
 
 
+def test_border_correction_follows_a_batchnorm_merge():
+    """LRP canonizers merge the BatchNorm after the first conv into it for their call: the
+    compensated model still computes the original logits then."""
+    from zennit.composites import EpsilonPlus
+
+    from methods.lrp import canonizers_for, registered
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+    model.eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+    alpha, beta = torch.full((3,), 2.0), torch.full((3,), -1.0)
+    with compensated(model, alpha, beta, x[:1]):
+        with registered(EpsilonPlus(canonizers=canonizers_for(model, x)), model), \
+                torch.no_grad():
+            merged = model(2 * x - 1)
+            assert model[1].eps == 0.0  # the merge happened
+    assert (merged - reference).abs().max() < 1e-5
+
+
 def test_first_layer_must_read_the_input():
     model = nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 2, 3)).eval()
     with pytest.raises(ValueError, match="BatchNorm2d"):
