@@ -315,3 +315,24 @@ def test_mask_shapes_differ_by_class():
     means = [np.mean(fill[c]) for c in range(3)]
     assert means[0] > 0.95 and 0.7 < means[1] < 0.9 and means[2] < 0.65
     assert not math.isnan(sum(means))
+
+
+def test_store_and_figures(tmp_path):
+    from harness.figures import make_figures
+    from harness.store import RunStore, read_rows
+
+    model = MODELS["tiny_cnn"](in_chans=1, num_classes=3)
+    ctx = make_ctx(model, methods=("gradient", "rectgrad"), n=2, dataset="dark_object",
+                   n_maps=0)  # map grids: the generic path, tested in test_figures.py
+    ctx.metrics = ctx.metrics[:1]
+    store = RunStore(tmp_path, {"run_id": "r", "model": "tiny_cnn", "dataset": "dark_object",
+                                "seed": 0})
+    for item in CHECKS["input_bias"](ctx, deltas=[0.5], encodings=["signed"]):
+        store.add(item)
+    store.flush()
+    rows = read_rows(tmp_path)  # one schema over all parts: no column lost
+    assert len(rows) == store.rows_written and rows["polarity"].isin(["dark", "bright", ""]).all()
+    assert rows.loc[rows.metric == "mass_in_object", "object_fraction"].notna().all()
+    names = {p.name for p in make_figures(tmp_path)}
+    assert names == {"input_bias_bias.png", "input_bias_bias.pdf",
+                     "input_bias_similarity.png", "input_bias_similarity.pdf"}
