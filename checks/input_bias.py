@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -68,6 +68,30 @@ class CompensationError(RuntimeError):
     tolerance: its maps would not be maps of the same function."""
 
 
+@dataclass
+class InputChange:
+    """One shift / scale stage: x' = alpha * x + beta, alpha and beta (C,) per channel."""
+
+    stage: str  # shift=+0.25, scale=[0,1], ...
+    probe: str  # shift | scale
+    alpha: Tensor
+    beta: Tensor
+    columns: dict  # delta / encoding / alpha / beta columns of its rows
+
+
+@dataclass
+class Reference:
+    """What every stage is compared with: the original input's logits, targets and maps."""
+
+    logits: Tensor  # (N, K)
+    target: Tensor  # (N,)
+    maps: dict  # explain_all output of the original input
+    base: dict  # columns common to every row
+    tolerance: float
+    dark_fraction: float
+    intensity: bool  # the intensity probe is on
+
+
 @CHECKS.register
 def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
                deltas: list[float] | tuple[float, ...] = (-0.5, -0.25, 0.25, 0.5),
@@ -77,44 +101,50 @@ def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
     """Shift / scale the input with the first layer compensated and compare maps; measure the
     maps' bias towards the input's zero point. x: ctx.data.inputs (N, C, H, W)."""
     _validate(probes, encodings, target, dark_fraction)
-    stages = _plan(ctx, probes, deltas, encodings)
+    changes = _plan(ctx, probes, deltas, encodings)
     x = ctx.data.inputs
-    extra = {MASS: _mass}
     with restored(ctx.model):
         logits = _logits(ctx, x)
-        explained = (logits.argmax(1) if target == "fixed"
-                     else ctx.data.labels.to(x.device))
-        reference = explain_all(ctx, explained, extra)
-        base = {**ROW_DEFAULTS, "check": "input_bias", "probe": "original",
-                "tolerance": float(tolerance)}
-        yield from _maps(ctx, reference, "original", 0)
-        if "intensity" in probes:
-            yield from intensity_rows(ctx, reference, x, {**base, "stage": "original",
-                                                          "stage_index": 0},
+        explained = logits.argmax(1) if target == "fixed" else ctx.data.labels.to(x.device)
+        ref = Reference(logits=logits, target=explained,
+                        maps=explain_all(ctx, explained, {MASS: _mass}),
+                        base={**ROW_DEFAULTS, "check": "input_bias", "probe": "original",
+                              "tolerance": float(tolerance)},
+                        tolerance=float(tolerance), dark_fraction=dark_fraction,
+                        intensity="intensity" in probes)
+        yield from _maps(ctx, ref.maps, "original", 0)
+        if ref.intensity:
+            yield from intensity_rows(ctx, ref.maps, x, {**ref.base, "stage": "original",
+                                                         "stage_index": 0},
                                       explained, dark_fraction)
-        for index, (stage, probe, alpha, beta, info) in enumerate(stages, start=1):
-            shifted = alpha.view(1, -1, 1, 1).to(x) * x + beta.view(1, -1, 1, 1).to(x)
-            with compensated(ctx.model, alpha, beta, x[:1]) as done:
-                stage_base = {**base, **info, "probe": probe, "stage": stage,
-                              "stage_index": index, "first_layer": done.layer,
-                              "border_correction": done.border}
-                change = float((_logits(ctx, shifted) - logits).abs().max())
-                yield {**stage_base, "method": "", "sample": -1, "target": -1,
-                       "metric": "max_logit_change", "value": change}
-                if not change <= tolerance:
-                    raise CompensationError(
-                        f"input_bias {stage}: the compensated model's logits changed by "
-                        f"{change:.3g} > check.tolerance={tolerance:g} (first layer "
-                        f"{done.layer}, {done.kind})")
-                maps = explain_all(replace(ctx, data=replace(ctx.data, inputs=shifted)),
-                                   explained, extra)
-            for method, ref in reference.items():
-                yield from score(ctx, maps[method], ref,
-                                 {**stage_base, "method": method}, explained)
-            yield from _maps(ctx, maps, stage, index)
-            if "intensity" in probes:
-                yield from intensity_rows(ctx, maps, shifted, stage_base, explained,
-                                          dark_fraction)
+        for index, change in enumerate(changes, start=1):
+            yield from _changed_input(ctx, change, index, ref)
+
+
+def _changed_input(ctx: CheckContext, change: InputChange, index: int,
+                   ref: Reference) -> Iterator[dict | MapRecord]:
+    """One stage: the logit check, the maps of x' compared with those of x, their bias."""
+    x = ctx.data.inputs
+    shifted = change.alpha.view(1, -1, 1, 1).to(x) * x + change.beta.view(1, -1, 1, 1).to(x)
+    with compensated(ctx.model, change.alpha, change.beta, x[:1]) as done:
+        base = {**ref.base, **change.columns, "probe": change.probe, "stage": change.stage,
+                "stage_index": index, "first_layer": done.layer,
+                "border_correction": done.border}
+        logit_change = float((_logits(ctx, shifted) - ref.logits).abs().max())
+        yield {**base, "method": "", "sample": -1, "target": -1,
+               "metric": "max_logit_change", "value": logit_change}
+        if not logit_change <= ref.tolerance:
+            raise CompensationError(
+                f"input_bias {change.stage}: the compensated model's logits changed by "
+                f"{logit_change:.3g} > check.tolerance={ref.tolerance:g} (first layer "
+                f"{done.layer}, {done.kind})")
+        maps = explain_all(replace(ctx, data=replace(ctx.data, inputs=shifted)), ref.target,
+                           {MASS: _mass})
+    for method, reference in ref.maps.items():
+        yield from score(ctx, maps[method], reference, {**base, "method": method}, ref.target)
+    yield from _maps(ctx, maps, change.stage, index)
+    if ref.intensity:
+        yield from intensity_rows(ctx, maps, shifted, base, ref.target, ref.dark_fraction)
 
 
 ROW_DEFAULTS = {"probe": "", "delta": math.nan, "encoding": "", "alpha": "", "beta": "",
@@ -135,22 +165,24 @@ def _validate(probes, encodings, target: str, dark_fraction: float) -> None:
         raise ValueError(f"check.dark_fraction must be in (0, 1), got {dark_fraction}")
 
 
-def _plan(ctx: CheckContext, probes, deltas, encodings) -> list[tuple]:
-    """(stage, probe, alpha (C,), beta (C,), row columns) of every shift and scale stage."""
+def _plan(ctx: CheckContext, probes, deltas, encodings) -> list[InputChange]:
+    """Every shift and scale stage, in that order."""
     channels = ctx.data.inputs.shape[1]
     plan = []
     if "shift" in probes:
         for delta in deltas:
             ones = torch.ones(channels)
-            plan.append((f"shift={float(delta):+g}", "shift", ones, ones * float(delta),
-                         {"delta": float(delta), "alpha": "1", "beta": f"{float(delta):g}"}))
+            plan.append(InputChange(f"shift={float(delta):+g}", "shift", ones,
+                                    ones * float(delta), {"delta": float(delta), "alpha": "1",
+                                                          "beta": f"{float(delta):g}"}))
     if "scale" in probes:
         for name in encodings:
             alpha, beta = encoding_change(ctx.data.mean, ctx.data.std, name, channels)
             if torch.allclose(alpha, torch.ones_like(alpha)) and not bool(beta.abs().max()):
                 continue  # the model's own encoding: stage 0
-            plan.append((f"scale={ENCODINGS[name][2]}", "scale", alpha, beta,
-                         {"encoding": name, "alpha": _text(alpha), "beta": _text(beta)}))
+            plan.append(InputChange(f"scale={ENCODINGS[name][2]}", "scale", alpha, beta,
+                                    {"encoding": name, "alpha": _text(alpha),
+                                     "beta": _text(beta)}))
     return plan
 
 
