@@ -530,6 +530,7 @@ def input_bias_bars(rows: pd.DataFrame, title: str = "") -> Figure:
     ratio = rows[(rows["metric"] == "dark_mass_ratio")
                  & ((rows["stage_index"] == 0) | rows["stage"].str.startswith("scale="))]
     if len(ratio):
+        ratio = ratio.assign(stage=ratio["stage"].replace("original", "model's own encoding"))
         panels.append(("dark mass ratio (1 = no bias)", ratio, "stage", 1.0))
     inside = rows[(rows["metric"] == "mass_in_object") & (rows["stage_index"] == 0)]
     if len(inside):
