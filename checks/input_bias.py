@@ -57,8 +57,6 @@ TARGETS = ("fixed", "label")
 # pixel encodings p in [0, 1] -> (p - mean) / std; stage names
 ENCODINGS = {"unit": ((0.0,), (1.0,), "[0,1]"), "signed": ((0.5,), (0.5,), "[-1,1]"),
              "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet")}
-INTENSITY_METRICS = ("intensity_correlation", "zero_point_correlation", "dark_mass_ratio",
-                     "mass_in_object")
 COMPENSATION = "first-layer weights/bias + border map"
 MASS = "mass"  # the normalization column of intensity rows: m = sum_c |a|
 
