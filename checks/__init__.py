@@ -7,4 +7,8 @@ from harness.registry import Registry
 
 CHECKS = Registry("check")
 
-from checks import model_randomization, random_labels  # noqa: E402,F401  (fill the registry)
+from checks import (  # noqa: E402,F401  (fill the registry)
+    input_bias,
+    model_randomization,
+    random_labels,
+)

@@ -1,7 +1,7 @@
 """Shared by checks: explain a dataset in batches, normalize once, score against a reference."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -21,15 +21,19 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
 
 
-def explain_all(ctx: CheckContext, target: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+def explain_all(ctx: CheckContext, target: torch.Tensor,
+                extra: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> dict[str, dict[str, torch.Tensor]]:
     """Maps of every input for every method, normalized once per normalization in use.
 
     Inputs go in batches of ``ctx.batch_size``; within a batch the methods share their common
     pieces (input gradient, noisy gradients, GBP and GradCAM maps). Returns
-    ``{method: {normalization: (N, H, W), "constant": (N,) bool}}``.
+    ``{method: {normalization: (N, H, W), "constant": (N,) bool}}``, plus ``{key: fn(raw)}``
+    for every reduction ``fn`` (raw (B, C, H, W) -> (B, ...)) in ``extra``.
     """
     needed = {spec.normalization for spec in ctx.metrics} | set(FIGURE_NORMALIZATIONS)
-    parts = {m: {key: [] for key in [*needed, "constant"]} for m in ctx.methods}
+    extra = dict(extra or {})
+    parts = {m: {key: [] for key in [*needed, *extra, "constant"]} for m in ctx.methods}
     batches = list(zip(ctx.data.inputs.split(ctx.batch_size), target.split(ctx.batch_size)))
     bar = tqdm(total=len(batches) * len(ctx.methods), desc="methods", leave=False,
                disable=not ctx.progress)
@@ -42,6 +46,8 @@ def explain_all(ctx: CheckContext, target: torch.Tensor) -> dict[str, dict[str, 
                 parts[method]["constant"].append(is_constant(raw))
                 for key in needed:
                     parts[method][key].append(NORMALIZATIONS[key](raw))
+                for key, reduce in extra.items():
+                    parts[method][key].append(reduce(raw))
     bar.close()
     return {m: {key: torch.cat(v) for key, v in out.items()} for m, out in parts.items()}
 

