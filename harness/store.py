@@ -177,3 +177,12 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
 def record_failure(run_dir: Path, message: str) -> None:
     """Mark a run as failed (read by the collect step); a later successful run clears it."""
     RunStore.write_json_to(Path(run_dir), FAILED, {"error": message})
+
+
+def write_table(path: Path | str, table: pd.DataFrame) -> Path:
+    """One parquet file (e.g. a sweep's collected table), written atomically."""
+    path = Path(path)
+    tmp = _atomic(path)
+    table.to_parquet(tmp, index=False)
+    tmp.rename(path)
+    return path

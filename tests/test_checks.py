@@ -137,7 +137,7 @@ def test_store_writes_one_part_per_stage_and_method(model, tmp_path):
     rows = read_rows(tmp_path)
     parts = sorted(p.name for p in (tmp_path / "rows").glob("part-*.parquet"))
     assert parts == [f"part-cascading-{i:03d}-{m}.parquet" for i in range(4)  # original + 3
-                     for m in ("gradient", "smoothgrad")]  # one part per stage x method
+                     for m in ("gradient", "guided_backprop")]  # one per stage x method
     assert len(rows) == store.rows_written == 4 * 2 * 2 * len(METRICS)
     assert (rows["run_id"] == "r").all() and not rows.duplicated().any()
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporaries
