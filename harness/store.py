@@ -11,12 +11,15 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from harness.context import MapRecord
 from harness.data import Dataset
+
+if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits
+    import pandas as pd
 
 ROWS, MAPS, FIGURES = "rows", "maps", "figures"
 CLAIM = "claim.json"  # written when a run starts: its run_id and config digest, for resuming
@@ -88,6 +91,8 @@ class RunStore:
     def flush(self) -> None:
         if not self.buffer:
             return
+        import pandas as pd
+
         frame = pd.DataFrame([{**self.common, **row} for row in self.buffer])
         path = self.run_dir / ROWS / part_name(self.key)
         tmp = _atomic(path)
@@ -133,8 +138,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     tmp.rename(path)
 
 
-def read_rows(run_dir: Path | str) -> pd.DataFrame:
+def read_rows(run_dir: Path | str) -> "pd.DataFrame":
     """The whole table of a run."""
+    import pandas as pd
+
     return pd.read_parquet(Path(run_dir) / ROWS)
 
 

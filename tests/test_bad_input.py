@@ -1,0 +1,105 @@
+"""Bad input fails early: one line on stderr that says what is wrong, a non-zero exit, within
+10 seconds, before any check runs (no rows are written).
+
+Each case is a real command line of the ``sanity`` CLI; ``{tmp}`` is a folder prepared by the
+``bad_inputs`` fixture (an empty image folder, one with an unreadable image, a run dir of
+another config).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model=tiny_cnn", "dataset=digits", "dataset.n=2", "method=[gradient]", "metric=[ssim]",
+        "device=cpu", "figures=false", "progress=false"]
+LIMIT_S = 10.0  # the promise, on a machine that is not overloaded (see time_limit)
+
+# (id, overrides on top of FAST, fragment the one stderr line must contain)
+CASES = [
+    ("unknown method", ["method=[gradient,gradiant]"], "unknown method 'gradiant'; valid choices"),
+    ("unknown model", ["model=resnet9000"], "unknown model 'resnet9000'; valid choices"),
+    ("negative steps", ["method=[integrated_gradients]",
+                        "method.integrated_gradients.steps=-5"],
+     "method.integrated_gradients.steps must be >= 1, got -5"),
+    ("sigma zero", ["method=[smoothgrad]", "method.smoothgrad.noise_level=0"],
+     "method.smoothgrad.noise_level must be > 0, got 0"),
+    ("q above 100", ["method=[rectgrad]", "method.rectgrad.q=150"],
+     "method.rectgrad.q must be within [0, 100], got 150"),
+    ("wrong type", ["method=[smoothgrad]", "method.smoothgrad.n_samples=many"],
+     "method.smoothgrad.n_samples must be int, got 'many'"),
+    ("unknown hyperparameter", ["method=[smoothgrad]", "+method.smoothgrad.sigma=0.1"],
+     "method.smoothgrad.sigma: unknown hyperparameter of smoothgrad; it takes n_samples"),
+    ("gradcam without conv", ["model=mlp", "method=[gradcam]"],
+     "method gradcam needs a conv layer, which model mlp lacks"),
+    ("rectgrad without relu", ["model=timm", "model.name=vit_tiny_patch16_224",
+                               "model.num_classes=10", "method=[rectgrad]"],
+     "method rectgrad needs nn.ReLU or nn.ReLU6 modules, which model vit_tiny_patch16_224 lacks"),
+    ("missing weights", ["model=timm", "model.name=resnet18", "model.pretrained=true"],
+     "pass model.checkpoint=PATH"),
+    ("missing checkpoint", ["model=mlp", "model.checkpoint={tmp}/nothing.pth"],
+     "model.checkpoint={tmp}/nothing.pth: no such file"),
+    ("missing data", ["dataset=mnist", "dataset.root={tmp}/empty"],
+     "dataset.root={tmp}/empty: no MNIST IDX files"),
+    ("empty image folder", ["dataset=imagenet_folder", "dataset.root={tmp}/empty"],
+     "no images in class sub-folders"),
+    ("unreadable image", ["dataset=imagenet_folder", "dataset.root={tmp}/broken"],
+     "cannot read image {tmp}/broken/cls/bad.jpg"),
+    ("image size", ["model=mlp", "dataset=imagenet_samples"],
+     "model mlp cannot take inputs of shape (3, 28, 28) from dataset imagenet_samples"),
+    ("shard out of range", ["dataset.shard=2", "dataset.num_shards=2"],
+     "dataset.shard must be an integer in [0, 1]"),
+    ("empty shard", ["dataset.shard=2", "dataset.num_shards=3"],
+     "dataset.shard=2 of dataset.num_shards=3 is empty"),
+    ("output dir not writable", ["hydra.run.dir={tmp}/a_file/run"],
+     "output dir {tmp}/a_file/run is not writable"),
+    ("resume another config", ["hydra.run.dir={tmp}/foreign"],
+     "holds a run of a different config"),
+    ("resume nothing", ["resume=true", "hydra.run.dir={tmp}/fresh"],
+     "resume=true but run dir {tmp}/fresh holds no earlier run"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "empty").mkdir()
+    (tmp / "broken" / "cls").mkdir(parents=True)
+    (tmp / "broken" / "cls" / "bad.jpg").write_bytes(b"not a jpeg")
+    (tmp / "a_file").write_text("a file, not a folder")
+    foreign = tmp / "foreign"
+    (foreign / "rows").mkdir(parents=True)
+    (foreign / "claim.json").write_text(json.dumps({"run_id": "x", "config_digest": "0" * 12}))
+    (foreign / "rows" / "part-cascading-000-gradient.parquet").write_bytes(b"")
+    return tmp
+
+
+def time_limit() -> float:
+    """10 s, stretched (at most twice) when more processes compete for the cores than there
+    are cores: the imports of torch alone take seconds then."""
+    return LIMIT_S * max(1.0, min(2.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+
+
+@pytest.mark.parametrize("overrides,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_one_line_fast(bad_inputs, overrides, fragment, request):
+    args = [a.replace("{tmp}", str(bad_inputs)) for a in FAST + overrides]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={bad_inputs}/runs/{request.node.callspec.id.replace(' ', '_')}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    tic = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=60)
+    elapsed = time.perf_counter() - tic
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert fragment.replace("{tmp}", str(bad_inputs)) in lines[0]
+    print(f"{request.node.callspec.id}: {elapsed:.1f} s: {lines[0]}")
+    assert elapsed < time_limit(), f"{elapsed:.1f} s (load {os.getloadavg()[0]:.1f})"
+    run_dir = Path(args[-1].split("=", 1)[1]) if "runs/" in args[-1] else None
+    if run_dir is not None:  # nothing was computed
+        assert not list(run_dir.glob("rows/*.parquet"))
