@@ -88,3 +88,21 @@ def test_list_describes_every_choice():
     for group in ("model", "dataset", "method", "check", "metric", "experiment"):
         assert sorted(table[group]) == options(group)
         assert all(text for text in table[group].values()), group
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm",
+                                      "slurm"])
+def test_launchers_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.split(".")[-1] == {
+        "basic": "BasicLauncher", "joblib": "JoblibLauncher",
+        "submitit_local": "LocalLauncher"}.get(launcher, "SlurmLauncher")
+    if launcher == "slurm":  # the example's fields, as documented in the README
+        assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+        assert cfg.hydra.launcher.timeout_min == 240 and cfg.hydra.launcher.mem_gb == 32
