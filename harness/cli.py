@@ -67,6 +67,7 @@ def validate_overrides(argv: list[str]) -> None:
 def _app():
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -85,6 +86,8 @@ def _app():
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
             record_failure(run_dir, str(err))
             print(f"sanity: error: {err}", file=sys.stderr)
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                return  # the other jobs go on; main() and sanity-collect report the failure
             sys.exit(2)
         print(summary(run_dir))
         print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}"
@@ -136,6 +139,22 @@ def main() -> None:
         sys.exit(2)
     sys.argv += sweep_dir_override(argv)
     _app()()
+    if is_multirun(argv):
+        sys.exit(report_failed_jobs(sys.argv[1:]))
+
+
+def report_failed_jobs(argv: list[str]) -> int:
+    """After a sweep: one line naming the failed jobs (status 1), or nothing (status 0)."""
+    from harness.store import FAILED
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    if not given:
+        return 0
+    failed = sorted(p.parent.name for p in Path(given[-1]).glob(f"*/{FAILED}"))
+    if failed:
+        print(f"sanity: error: {len(failed)} job(s) failed ({', '.join(failed)}); see "
+              f"sanity-collect {given[-1]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def descriptions() -> dict[str, dict[str, str]]:
