@@ -254,7 +254,9 @@ def _mnist_family(name: str, split: str, root: str | None, download: str | bool,
         found = _idx_split(_idx_folders(base, name), split)
         if found is None:
             raise FileNotFoundError(f"dataset.root={root}: no {name} IDX files "
-                                    f"({', '.join(IDX_FILES[split])}, .gz or not)")
+                                    f"({', '.join(IDX_FILES[split])}, .gz or not); point it "
+                                    f"to a torchvision {name} folder, or leave dataset.root "
+                                    "unset to download or use the offline fallback")
         return (*found, f"{name} {split} split from {base}")
     cache = Path(download_root or "~/.cache/sanity-harness/datasets").expanduser()
     for folder in ([extra] if extra else []) + [cache]:

@@ -7,6 +7,7 @@
 * a sweep over shards writes disjoint samples per job, and the collect step reads them as one
   table equal to the unsharded run's rows.
 """
+import json
 import os
 import signal
 import subprocess
@@ -15,13 +16,15 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf, open_dict
 
 from harness.collect import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["model=tiny_cnn", "dataset=digits", "dataset.n=24", "method=[gradient,smoothgrad,vargrad]",
        "method.smoothgrad.n_samples=48", "method.vargrad.n_samples=48", "metric=[ssim,spearman]",
-       "check=cascading", "device=cpu", "figures=false", "progress=false", "n_maps=2", "seed=3"]
+       "check=cascading", "device=cpu", "figures=false", "progress=false", "n_maps=2", "seed=3",
+       "flush_denormal=false"]  # the in-process reference run must not flip it for other tests
 KEY = ["check", "stage_index", "method", "sample", "metric"]
 RUN_ONLY = ["run_id", "job"]  # differ between two runs of the same config by design
 
@@ -36,6 +39,21 @@ def finish(process: subprocess.Popen) -> str:
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
     return out
+
+
+def run_in_process(args: list[str], run_dir: Path) -> Path:
+    """The same run as the CLI's, without a second interpreter start (the reference)."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli import CONF_DIR
+    from harness.run import run
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=args, return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return run(cfg, choices, run_dir)
 
 
 def table(run_dir: Path) -> pd.DataFrame:
@@ -70,9 +88,9 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
     assert len(after) == 4 * 3 and all(after[name] == before[name] for name in before)
     assert f"{len(before)} parts kept, {len(after) - len(before)} parts computed" in out
 
-    finish(sanity(RUN, reference))
-    (reference_dir,) = (reference / "results" / "runs").iterdir()
-    assert reference_dir.name == run_dir.name  # same config, same run dir name
+    reference_dir = run_in_process(RUN, reference)
+    claims = [json.loads((d / "claim.json").read_text()) for d in (run_dir, reference_dir)]
+    assert claims[0]["config_digest"] == claims[1]["config_digest"] == run_dir.name
     resumed, uninterrupted = table(run_dir), table(reference_dir)
     assert not resumed.duplicated(KEY).any()
     assert len(resumed) == 4 * 3 * 24 * 2
@@ -81,11 +99,12 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
 
 def test_shard_sweep_collects_into_the_unsharded_table(tmp_path):
     base = ["model=tiny_cnn", "dataset=digits", "dataset.n=5", "method=[gradient]",
-            "metric=[ssim]", "device=cpu", "figures=false", "progress=false", "n_maps=1"]
+            "metric=[ssim]", "device=cpu", "figures=false", "progress=false", "n_maps=1",
+            "flush_denormal=false"]
     sweep = tmp_path / "sweep"
     finish(sanity(["-m", *base, "dataset.shard=0,1", "dataset.num_shards=2",
                    f"hydra.sweep.dir={sweep}"], tmp_path))
-    finish(sanity([*base, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path))
+    run_in_process(base, tmp_path / "whole")
     rows, report = collect(sweep)
     assert report.complete and report.expected == 2 and report.finished == ["0", "1"]
     by_job = rows.groupby("job")["sample"].agg(lambda s: sorted(set(s)))
