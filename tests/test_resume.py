@@ -16,21 +16,23 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from harness.collect import collect
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["model=tiny_cnn", "dataset=digits", "dataset.n=24", "method=[gradient,smoothgrad,vargrad]",
-       "method.smoothgrad.n_samples=48", "method.vargrad.n_samples=48", "metric=[ssim,spearman]",
-       "check=cascading", "device=cpu", "figures=false", "progress=false", "n_maps=2", "seed=3",
-       "flush_denormal=false"]  # the in-process reference run must not flip it for other tests
+RUN = ["model=tiny_cnn", "dataset=digits", "dataset.n=12", "method=[gradient,smoothgrad,vargrad]",
+       "method.smoothgrad.n_samples=32", "method.vargrad.n_samples=32", "metric=[ssim,spearman]",
+       "check=cascading", "device=cpu", "figures=false", "progress=false", "n_maps=2", "seed=3"]
 KEY = ["check", "stage_index", "method", "sample", "metric"]
 RUN_ONLY = ["run_id", "job"]  # differ between two runs of the same config by design
 
 
 def sanity(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # one thread: tiny models run faster without thread hand-offs, most so on a busy machine,
+    # and the in-process reference run uses one thread too (same float summation order)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -53,7 +55,13 @@ def run_in_process(args: list[str], run_dir: Path) -> Path:
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-    return run(cfg, choices, run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI runs with OMP_NUM_THREADS=1
+    try:
+        return run(cfg, choices, run_dir)
+    finally:  # leave no trace in the test process (run() sets flush_denormal=true)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
 
 
 def table(run_dir: Path) -> pd.DataFrame:
@@ -93,14 +101,13 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
     assert claims[0]["config_digest"] == claims[1]["config_digest"] == run_dir.name
     resumed, uninterrupted = table(run_dir), table(reference_dir)
     assert not resumed.duplicated(KEY).any()
-    assert len(resumed) == 4 * 3 * 24 * 2
+    assert len(resumed) == 4 * 3 * 12 * 2
     pd.testing.assert_frame_equal(resumed[uninterrupted.columns], uninterrupted)
 
 
 def test_shard_sweep_collects_into_the_unsharded_table(tmp_path):
     base = ["model=tiny_cnn", "dataset=digits", "dataset.n=5", "method=[gradient]",
-            "metric=[ssim]", "device=cpu", "figures=false", "progress=false", "n_maps=1",
-            "flush_denormal=false"]
+            "metric=[ssim]", "device=cpu", "figures=false", "progress=false", "n_maps=1"]
     sweep = tmp_path / "sweep"
     finish(sanity(["-m", *base, "dataset.shard=0,1", "dataset.num_shards=2",
                    f"hydra.sweep.dir={sweep}"], tmp_path))
