@@ -58,6 +58,7 @@ def _timm_transform_config(data_config: dict) -> dict:
 
 
 def _load_images(paths: list[Path], data_config: dict) -> torch.Tensor:
+    _check_readable(paths)  # a header read each: a bad file fails before timm is imported
     transform = _image_transform(data_config)
     images = []
     for path in paths:
@@ -67,6 +68,15 @@ def _load_images(paths: list[Path], data_config: dict) -> torch.Tensor:
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
     return torch.stack(images)
+
+
+def _check_readable(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 def _norm_stats(data_config: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -172,6 +172,9 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
                          "hydra.run.dir or delete that one")
     if earlier is None and resume == "true":
         raise ValueError(f"resume=true but run dir {run_dir} holds no earlier run to resume")
+    if not path.is_file() and any((Path(run_dir) / ROWS).glob("*.parquet")):
+        raise ValueError(f"run dir {run_dir} holds rows of a run without {CLAIM} (an older "
+                         "harness?); choose another hydra.run.dir or delete that one")
     if earlier and resume != "false":
         return earlier["run_id"], len(finished_parts(run_dir))
     for folder in (ROWS, MAPS, FIGURES):

@@ -72,6 +72,10 @@ def test_claims_resume_same_config_and_refuse_another(tmp_path):
     assert json.loads((tmp_path / "claim.json").read_text())["run_id"] == new_id
     with pytest.raises(ValueError, match="holds no earlier run"):
         claim_run_dir(tmp_path / "fresh", "a" * 12, "true")
+    (tmp_path / "old" / "rows").mkdir(parents=True)
+    (tmp_path / "old" / "rows" / "part-00000.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="without claim.json"):  # never overwritten
+        claim_run_dir(tmp_path / "old", "a" * 12, "auto")
 
 
 def test_sweep_dir_is_a_digest_of_the_command():
