@@ -59,6 +59,7 @@ def _timm_transform_config(data_config: dict) -> dict:
 
 def _load_images(paths: list[Path], data_config: dict) -> torch.Tensor:
     _check_readable(paths)  # a header read each: a bad file fails before timm is imported
+    _check_rgb_model(data_config)
     transform = _image_transform(data_config)
     images = []
     for path in paths:
@@ -77,6 +78,16 @@ def _check_readable(paths: list[Path]) -> None:
                 pass
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def _check_rgb_model(data_config: dict) -> None:
+    """Photos are read as RGB: a model that takes another number of channels cannot take them
+    (said before the transform is built; harness.validate probes any other misfit)."""
+    channels, height, width = data_config.get("input_size", (3, 224, 224))
+    if channels != 3:
+        raise ValueError(f"the model takes {channels}-channel {height}x{width} inputs; this "
+                         "dataset's photos are RGB (3 channels): pick a 3-channel model "
+                         "(e.g. model.in_chans=3)")
 
 
 def _norm_stats(data_config: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -45,7 +45,7 @@ CASES = [
     ("unreadable image", ["dataset=imagenet_folder", "dataset.root={tmp}/broken"],
      "cannot read image {tmp}/broken/cls/bad.jpg"),
     ("image size", ["model=mlp", "dataset=imagenet_samples"],
-     "model mlp cannot take inputs of shape (3, 28, 28) from dataset imagenet_samples"),
+     "the model takes 1-channel 28x28 inputs; this dataset's photos are RGB (3 channels)"),
     ("output dir not writable", ["hydra.run.dir={tmp}/a_file/run"],
      "output dir {tmp}/a_file/run is not writable"),
     ("resume another config", ["hydra.run.dir={tmp}/foreign"],

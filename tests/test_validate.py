@@ -110,3 +110,15 @@ def test_launchers_compose(launcher):
     if launcher == "slurm":  # the example's fields, as documented in the README
         assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
         assert cfg.hydra.launcher.timeout_min == 240 and cfg.hydra.launcher.mem_gb == 32
+
+
+def test_input_size_probe_names_model_shape_and_dataset():
+    from harness.validate import check_input_size
+    from harness.zoo import MODELS
+
+    model = MODELS["mlp"](hidden=[8], input_size=28)
+    check_input_size(model, "mlp", torch.zeros(2, 1, 28, 28), "digits")
+    with pytest.raises(ValueError) as err:
+        check_input_size(model, "mlp", torch.zeros(2, 1, 32, 32), "digits")
+    assert str(err.value).startswith("model mlp cannot take inputs of shape (1, 32, 32) from "
+                                     "dataset digits: ") and "\n" not in str(err.value)
