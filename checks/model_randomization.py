@@ -13,6 +13,7 @@ from a saved state dict on exit, also when the generator is interrupted.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -52,27 +53,35 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
              "target_policy": target}
     with restored(ctx.model) as saved:
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
-        references = explain_all(ctx, explained)
+        # a resumed run explains the original model only for methods with a unit left to do
+        todo = [ctx.pending(check, index) for index in range(len(plan) + 1)]
+        needed = set().union(*(stage.methods for stage in todo))
+        references = explain_all(replace(ctx, methods={m: ctx.methods[m] for m in needed}),
+                                 explained) if needed else {}
         for m, maps in references.items():
             yield map_record(ctx, maps, check, m, "original", 0)
-        yield from _score_stage(ctx, references, knobs, "original", 0, explained)
+        yield from _score_stage(todo[0], references, knobs, "original", 0, explained)
         bar = tqdm(plan, desc=f"{check} stages", disable=not ctx.progress, leave=False)
         for index, (name, modules) in enumerate(bar, start=1):
             if not cumulative:
                 restore_(ctx.model, saved)
+            # randomized even when done: the cumulative model of later stages builds on it
             randomize_(modules, init, stage_seed(ctx.seed, name), batchnorm_stats)
+            if not todo[index].methods:
+                continue
             stage_target = explained if target == "fixed" else predict(
                 ctx.model, ctx.data.inputs, ctx.batch_size)
-            yield from _score_stage(ctx, references, knobs, name, index, stage_target,
+            yield from _score_stage(todo[index], references, knobs, name, index, stage_target,
                                     with_maps=True)
 
 
 def _score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, index: int,
                  target, with_maps: bool = False) -> Iterator[dict | MapRecord]:
+    if not ctx.methods:
+        return
     stage_maps = explain_all(ctx, target)
-    for method, reference in references.items():
-        maps = stage_maps[method]
+    for method, maps in stage_maps.items():
         base = {**knobs, "method": method, "stage": stage, "stage_index": index}
-        yield from score(ctx, maps, reference, base, target)
+        yield from score(ctx, maps, references[method], base, target)
         if with_maps:
             yield map_record(ctx, maps, knobs["check"], method, stage, index)

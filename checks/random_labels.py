@@ -50,14 +50,22 @@ def random_labels(ctx: CheckContext, target: str = "label", **_) -> Iterator[dic
     for index, trained in enumerate(models):
         yield from _accuracy_rows(trained, knobs, STAGES[index], index)
 
+    # a resumed run explains only the methods with a unit left to do (the store drops the
+    # accuracy rows it already holds; the models come from the checkpoint cache)
+    todo = [ctx.pending("random_labels", index) for index in range(len(STAGES))]
+    needed = {m: ctx.methods[m] for m in set().union(*(stage.methods for stage in todo))}
+    if not needed:
+        return
     true_ctx, random_ctx = (replace(ctx, model=trained.model) for trained in models)
     true_target = _target(true_ctx, target)
-    references = explain_all(true_ctx, true_target)
+    references = explain_all(replace(true_ctx, methods=needed), true_target)
     for method, maps in references.items():
         yield map_record(ctx, maps, "random_labels", method, STAGES[0], 0)
-    yield from _score_stage(true_ctx, references, knobs, 0, true_target)
+    yield from _score_stage(replace(true_ctx, methods=todo[0].methods), references, knobs, 0,
+                            true_target)
     random_target = _target(random_ctx, target) if target == "argmax" else true_target
-    yield from _score_stage(random_ctx, references, knobs, 1, random_target, with_maps=True)
+    yield from _score_stage(replace(random_ctx, methods=todo[1].methods), references, knobs, 1,
+                            random_target, with_maps=True)
 
 
 def _target(ctx: CheckContext, policy: str) -> torch.Tensor:
@@ -77,10 +85,12 @@ def _accuracy_rows(trained: TrainedModel, knobs: dict, stage: str,
 
 def _score_stage(ctx: CheckContext, references: dict, knobs: dict, index: int,
                  target: torch.Tensor, with_maps: bool = False) -> Iterator[dict | MapRecord]:
+    if not ctx.methods:
+        return
     stage_maps = explain_all(ctx, target)
-    for method, reference in references.items():
+    for method in stage_maps:
         base = {**knobs, "method": method, "stage": STAGES[index], "stage_index": index}
-        yield from score(ctx, stage_maps[method], reference, base, target)
+        yield from score(ctx, stage_maps[method], references[method], base, target)
         if with_maps:
             yield map_record(ctx, stage_maps[method], "random_labels", method, STAGES[index],
                              index)

@@ -1,18 +1,44 @@
 """The ``sanity`` console script: a Hydra app over :func:`harness.run.run`.
 
-Registry names given on the command line are checked against ``conf/`` before Hydra starts, so
-a typo fails in one line that lists the valid choices (Hydra's own message spans many lines).
+Before Hydra starts, the command line is checked (registry names against ``conf/``, the output
+dir for writability), so a typo fails in one line (Hydra's own message spans many lines).
+``sanity list`` (also ``sanity-list``) lists what can be chosen.
+
+Run dirs are deterministic so that rerunning a command resumes it: a single run's dir is named by
+the ``sanity_digest`` resolver (a digest of the resolved config), a sweep's dir by a digest of
+the command's overrides (the launcher left out: a sweep started locally resumes on SLURM).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHOICE_GROUPS = ("model", "dataset", "method", "check", "metric", "experiment")
 _OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>[a-z_]+)=(?P<value>.*)$")
+SWEEPS_DIR = "results/sweeps"
+RUNS_DIR = "results/runs"
+# overrides that change no result: left out of a sweep's digest
+NEUTRAL = ("hydra/launcher=", "hydra.launcher.", "progress=", "figures=", "resume=")
+
+
+def _digest_resolver(*, _root_) -> str:
+    """``${sanity_digest:}``: the digest of the whole resolved config (harness.store)."""
+    from harness.store import config_digest
+
+    config = {k: OmegaConf.to_container(_root_[k], resolve=True)
+              if OmegaConf.is_config(_root_[k]) else _root_[k] for k in _root_ if k != "hydra"}
+    return config_digest(config)
+
+
+if not OmegaConf.has_resolver("sanity_digest"):  # also registered in launcher job processes
+    OmegaConf.register_new_resolver("sanity_digest", _digest_resolver)
 
 
 class UsageError(Exception):
@@ -41,12 +67,14 @@ def validate_overrides(argv: list[str]) -> None:
 def _app():
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
         from harness.registry import UnknownNameError
         from harness.run import run, summary
+        from harness.store import record_failure
 
         for noisy in ("fontTools", "matplotlib", "PIL"):  # Hydra logs at INFO: keep them quiet
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -56,7 +84,10 @@ def _app():
         try:
             run(cfg, choices, run_dir)
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
+            record_failure(run_dir, str(err))
             print(f"sanity: error: {err}", file=sys.stderr)
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                return  # the other jobs go on; main() and sanity-collect report the failure
             sys.exit(2)
         print(summary(run_dir))
         print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}"
@@ -65,13 +96,99 @@ def _app():
     return app
 
 
+def is_multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def sweep_dir_override(argv: list[str]) -> list[str]:
+    """``hydra.sweep.dir=results/sweeps/<digest>`` for a multirun without one: the same
+    command gets the same sweep dir, so rerunning it resumes every job."""
+    if not is_multirun(argv) or any(a.startswith("hydra.sweep.dir=") for a in argv):
+        return []
+    overrides = sorted(a for a in argv if not a.startswith("-") and not a.startswith(NEUTRAL))
+    digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:12]
+    return [f"hydra.sweep.dir={SWEEPS_DIR}/{digest}"]
+
+
+def check_writable(argv: list[str]) -> None:
+    """Raise UsageError when the output dir (given or default) cannot be written."""
+    given = [a.split("=", 1)[1] for a in argv
+             if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for folder in given or [SWEEPS_DIR if is_multirun(argv) else RUNS_DIR]:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            probe = Path(folder) / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise UsageError(f"output dir {folder} is not writable ({err.strerror or err}); "
+                             "choose another with hydra.run.dir=PATH "
+                             "(hydra.sweep.dir=PATH for -m)") from err
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    if argv[:1] == ["list"]:
+        list_main()
+        return
     try:
-        validate_overrides(sys.argv[1:])
+        validate_overrides(argv)
+        check_writable(argv)
     except UsageError as err:
         print(f"sanity: error: {err}", file=sys.stderr)
         sys.exit(2)
+    sys.argv += sweep_dir_override(argv)
     _app()()
+    if is_multirun(argv):
+        sys.exit(report_failed_jobs(sys.argv[1:]))
+
+
+def report_failed_jobs(argv: list[str]) -> int:
+    """After a sweep: one line naming the failed jobs (status 1), or nothing (status 0)."""
+    from harness.store import FAILED
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    if not given:
+        return 0
+    failed = sorted(p.parent.name for p in Path(given[-1]).glob(f"*/{FAILED}"))
+    if failed:
+        print(f"sanity: error: {len(failed)} job(s) failed ({', '.join(failed)}); see "
+              f"sanity-collect {given[-1]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def descriptions() -> dict[str, dict[str, str]]:
+    """Every choice of every group with its one-line description: the first docstring line of
+    registry entries, the description comment of experiment presets."""
+    from harness.run import registries
+
+    table = {group: {name: _first_line(fn.__doc__) for name, fn in sorted(registry.items())}
+             for group, registry in registries().items()}
+    table["experiment"] = {name: experiment_description(CONF_DIR / "experiment" / f"{name}.yaml")
+                           for name in options("experiment")}
+    return table
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def experiment_description(path: Path) -> str:
+    """The first comment line after ``# @package _global_``."""
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text and not text.startswith("@package"):
+            return text
+    return ""
+
+
+def list_main() -> None:
+    """``sanity list``: models, datasets, methods, checks, metrics and experiments."""
+    for group, entries in descriptions().items():
+        print(f"{group}s:")
+        width = max(map(len, entries), default=0)
+        for name, text in entries.items():
+            print(f"  {name:<{width}}  {text}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -48,6 +48,14 @@ class CheckContext:
     # labels ("true" | "random") -> the run's architecture trained on them (cached checkpoints);
     # filled by the runner for checks that train (``trains_models``), else None
     train: Callable[[str], TrainedModel] | None = None
+    # (check, stage_index, method) units already stored by an interrupted run: not recomputed
+    done: frozenset[tuple[str, int, str]] = frozenset()
+
+    def pending(self, check: str, stage_index: int) -> CheckContext:
+        """This context with only the methods whose unit at ``stage_index`` is not done."""
+        methods = {m: fn for m, fn in self.methods.items()
+                   if (check, stage_index, m) not in self.done}
+        return replace(self, methods=methods)
 
 
 @dataclass

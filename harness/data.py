@@ -59,6 +59,8 @@ def _timm_transform_config(data_config: dict) -> dict:
 
 
 def _load_images(paths: list[Path], data_config: dict) -> torch.Tensor:
+    _check_readable(paths)  # a header read each: a bad file fails before timm is imported
+    _check_rgb_model(data_config)
     transform = _image_transform(data_config)
     images = []
     for path in paths:
@@ -68,6 +70,25 @@ def _load_images(paths: list[Path], data_config: dict) -> torch.Tensor:
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
     return torch.stack(images)
+
+
+def _check_readable(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def _check_rgb_model(data_config: dict) -> None:
+    """Photos are read as RGB: a model that takes another number of channels cannot take them
+    (said before the transform is built; harness.validate probes any other misfit)."""
+    channels, height, width = data_config.get("input_size", (3, 224, 224))
+    if channels != 3:
+        raise ValueError(f"the model takes {channels}-channel {height}x{width} inputs; this "
+                         "dataset's photos are RGB (3 channels): pick a 3-channel model "
+                         "(e.g. model.in_chans=3)")
 
 
 def _norm_stats(data_config: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -255,7 +276,9 @@ def _mnist_family(name: str, split: str, root: str | None, download: str | bool,
         found = _idx_split(_idx_folders(base, name), split)
         if found is None:
             raise FileNotFoundError(f"dataset.root={root}: no {name} IDX files "
-                                    f"({', '.join(IDX_FILES[split])}, .gz or not)")
+                                    f"({', '.join(IDX_FILES[split])}, .gz or not); point it "
+                                    f"to a torchvision {name} folder, or leave dataset.root "
+                                    "unset to download or use the offline fallback")
         return (*found, f"{name} {split} split from {base}")
     cache = Path(download_root or "~/.cache/sanity-harness/datasets").expanduser()
     for folder in ([extra] if extra else []) + [cache]:

@@ -8,7 +8,7 @@ import inspect
 import platform
 import subprocess
 import time
-import uuid
+from dataclasses import replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -20,8 +20,9 @@ from checks import CHECKS
 from harness.context import CheckContext, MetricSpec
 from harness.data import DATASETS, Dataset
 from harness.meta import model_meta
-from harness.store import RunStore, read_rows
+from harness.store import RunStore, claim_run_dir, config_digest, read_rows
 from harness.train import DEFAULT_CACHE_DIR, Trainer, normalize_labels
+from harness.validate import check_hparams, check_input_size, check_model_needs, check_shard
 from harness.zoo import MODELS
 from methods import METHODS
 from metrics import METRICS, NORMALIZATIONS
@@ -56,8 +57,15 @@ def _kwargs(node) -> dict:
 
 
 def build_methods(cfg: DictConfig, names: list[str]) -> dict:
+    """The selected methods with their hyperparameters bound (checked against each method's
+    signature and declared ranges first)."""
     common = {"internal_batch_size": cfg.internal_batch_size, "seed": cfg.seed}
-    return {n: partial(METHODS[n], **common, **_kwargs(cfg.method.get(n))) for n in names}
+    methods = {}
+    for name in names:
+        hparams = _kwargs(cfg.method.get(name))
+        check_hparams(name, METHODS[name], hparams)
+        methods[name] = partial(METHODS[name], **common, **hparams)
+    return methods
 
 
 def build_metrics(cfg: DictConfig, names: list[str],
@@ -108,34 +116,53 @@ def _probe_metric(name: str, kwargs: dict, map_size: tuple[int, int]) -> str:
     return ""
 
 
+def registries() -> dict:
+    """The registry of each config group."""
+    return {"model": MODELS, "dataset": DATASETS, "method": METHODS, "check": CHECKS,
+            "metric": METRICS}
+
+
 def check_registered(names: dict[str, list[str]]) -> None:
     """Every selected name exists in its registry: fail before loading anything."""
-    registries = {"model": MODELS, "dataset": DATASETS, "method": METHODS, "check": CHECKS,
-                  "metric": METRICS}
     for group, group_names in names.items():
         for name in group_names:
-            registries[group][name]
+            registries()[group][name]
 
 
 def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
-    """Run the configured check and write rows, maps, run.json and figures into ``run_dir``."""
+    """Run the configured check and write rows, maps, run.json and figures into ``run_dir``.
+
+    Everything that can be checked without compute is checked first (names, hyperparameters,
+    shard, the run dir's earlier config, what the methods need of the model, the input size).
+    A run dir that holds finished parts of the same config is resumed: only the rest is
+    computed.
+    """
     timings: dict[str, float] = {}
     start = time.perf_counter()
     names = {g: selected(cfg, choices, g) for g in GROUPS}
     check_registered(names)
+    methods = build_methods(cfg, names["method"])
+    shard = (int(cfg.dataset.get("shard", 0)), int(cfg.dataset.get("num_shards", 1)))
+    check_shard(*shard)
     device = resolve_device(str(cfg.device))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_id, kept = claim_run_dir(run_dir, config_digest(resolved), cfg.get("resume", "auto"))
     torch.manual_seed(cfg.seed)
     if cfg.get("flush_denormal", False):
         torch.set_flush_denormal(True)  # subnormal activations/gradients slow CPU kernels down
 
     tic = time.perf_counter()
+    model_name = str(cfg.model.get("name", names["model"][0]))
     model = MODELS[names["model"][0]](**_kwargs(cfg.model)).to(device)
+    check_model_needs(model, model_name, methods)
     timings["load_model_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     labels = normalize_labels(cfg.get("train", {}).get("labels"))
     trains = bool(getattr(CHECKS[names["check"][0]], "trains_models", False)) or bool(labels)
-    data = _load_data(cfg, names["dataset"][0], model, split="test" if trains else None)
+    data = take_shard(_load_data(cfg, names["dataset"][0], model,
+                                 split="test" if trains else None), *shard)
     data.inputs = data.inputs.to(device)
+    check_input_size(model, model_name, data.inputs, names["dataset"][0])
     metrics = build_metrics(cfg, names["metric"], tuple(data.inputs.shape[-2:]))
     trainer = build_trainer(cfg, names, model, device) if trains else None
     timings["load_data_s"] = time.perf_counter() - tic
@@ -144,25 +171,29 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
         model = trainer(labels).model
         timings["train_s"] = time.perf_counter() - tic
 
-    model_name = str(cfg.model.get("name", names["model"][0]))
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     store = RunStore(run_dir, {"run_id": run_id, "model": model_name,
-                               "dataset": names["dataset"][0], "seed": int(cfg.seed)})
+                               "dataset": names["dataset"][0], "seed": int(cfg.seed),
+                               "shard": shard[0], "num_shards": shard[1]})
+    if kept:
+        print(f"[sanity] resuming {run_dir}: {kept} finished parts kept, computing only the rest")
     store.write_inputs(data, cfg.n_maps)
-    ctx = CheckContext(model=model, data=data, methods=build_methods(cfg, names["method"]),
+    ctx = CheckContext(model=model, data=data, methods=methods,
                        metrics=metrics, seed=int(cfg.seed),
                        batch_size=int(cfg.batch_size), n_maps=int(cfg.n_maps),
-                       progress=bool(cfg.progress), train=trainer)
+                       progress=bool(cfg.progress), train=trainer, done=store.done)
     print(f"[sanity] {model_name} on {data.source}: {len(data.samples)} inputs, "
           f"{len(ctx.methods)} methods, check {names['check'][0]}, device {device}")
     tic = time.perf_counter()
     for item in CHECKS[names["check"][0]](ctx, **_kwargs(cfg.check)):
         store.add(item)
     store.flush()
+    if kept:
+        print(f"[sanity] resumed: {kept} parts kept, {store.parts} parts computed")
     timings["check_s"] = time.perf_counter() - tic
     timings["figures_s"] = _figures(run_dir) if cfg.figures else 0.0
     timings["total_s"] = time.perf_counter() - start
     record = _run_record(cfg, names, run_id, device, data, store, timings)
+    record.update(parts_kept=kept, parts_computed=store.parts)
     record["metric_settings"] = {s.name: dict(s.fn.keywords) for s in metrics}
     if trainer is not None:
         record["trained"] = {k: _trained_record(t) for k, t in trainer.trained.items()}
@@ -170,10 +201,26 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
     return run_dir
 
 
+def take_shard(data: Dataset, shard: int, num_shards: int) -> Dataset:
+    """The ``shard``-th of ``num_shards`` contiguous, near-equal slices of the dataset (sizes
+    differ by at most one), with the original sample ids: deterministic, and the shards of a
+    dataset are disjoint and cover it in order."""
+    if num_shards == 1:
+        return data
+    total = len(data.samples)
+    lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
+    if lo == hi:
+        raise ValueError(f"dataset.shard={shard} of dataset.num_shards={num_shards} is empty: "
+                         f"the dataset has {total} inputs (raise dataset.n or lower num_shards)")
+    return replace(data, inputs=data.inputs[lo:hi], labels=data.labels[lo:hi],
+                   samples=data.samples[lo:hi],
+                   source=f"{data.source}, shard {shard} of {num_shards}")
+
+
 def _load_data(cfg: DictConfig, name: str, model, split: str | None = None,
                n: int | None | str = "config") -> Dataset:
     """The dataset for ``model``; ``split`` and ``n`` override the config when given."""
-    kwargs = _kwargs(cfg.dataset)
+    kwargs = {k: v for k, v in _kwargs(cfg.dataset).items() if k not in ("shard", "num_shards")}
     if split is not None:
         kwargs["split"] = split
     if n != "config":

@@ -64,20 +64,27 @@ def mnist_cnn(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, se
     return attach_meta(model.eval(), meta)
 
 
+MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
 @MODELS.register
 def mlp(num_classes: int = 10, in_chans: int = 1, input_size: int = 28,
         hidden: tuple[int, ...] | list[int] = (2500, 1500, 500), seed: int = 0,
-        checkpoint: str | None = None, **_) -> nn.Module:
+        checkpoint: str | None = None, activation: str = "relu", **_) -> nn.Module:
     """The MNIST multilayer perceptron of Adebayo et al. 2018 (arXiv 1810.03292; their code:
     three ReLU hidden layers of 2500, 1500 and 500 units, then the logits). Input
     (B, in_chans, input_size, input_size) in [0, 1], flattened. It has no conv layer, so
-    GradCAM and Guided GradCAM do not apply."""
+    GradCAM and Guided GradCAM do not apply. ``activation``: relu (the paper), tanh or gelu
+    (smooth: no ReLU for Guided Backprop or RectGrad to act on)."""
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"model.activation must be one of {', '.join(MLP_ACTIVATIONS)}, "
+                         f"got {activation!r}")
     model = nn.Sequential()
     model.add_module("flatten", nn.Flatten())
     width = in_chans * input_size * input_size
     for i, units in enumerate(hidden, start=1):
         model.add_module(f"fc{i}", nn.Linear(width, int(units)))
-        model.add_module(f"relu{i}", nn.ReLU())
+        model.add_module(f"{activation}{i}", MLP_ACTIVATIONS[activation]())
         width = int(units)
     model.add_module(f"fc{len(hidden) + 1}", nn.Linear(width, num_classes))
     _seeded_init(model, seed)
@@ -134,13 +141,13 @@ def timm(name: str = "resnet18", pretrained: bool = False, checkpoint: str | Non
     """Any timm model by name. Weights: the hub when ``pretrained`` and online, a local
     state dict via ``checkpoint`` offline; otherwise random weights (said in the error when
     pretrained weights were asked for and the hub is unreachable)."""
+    if pretrained and not checkpoint:
+        _require_hub(name)  # before importing timm (seconds): offline, fail at once
     import timm as timm_lib
 
     if name not in timm_lib.list_models():
         raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if pretrained and not checkpoint:
-        _require_hub(name)
     model = timm_lib.create_model(name, pretrained=bool(pretrained and not checkpoint), **kwargs)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))

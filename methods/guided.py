@@ -108,3 +108,9 @@ def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor, *,
     cam = gradcam_maps(model, x, target, relu=True, internal_batch_size=internal_batch_size)
     return guided_gradients(model, x, target, internal_batch_size) * upsample_like(
         cam, x, interpolate_mode)
+
+
+# what the runner checks the model has before any compute (harness/validate.py)
+guided_backprop.needs = ("relu",)
+gradcam.needs = ("conv",)
+guided_gradcam.needs = ("conv", "relu")

@@ -96,3 +96,8 @@ def nobias_rectgrad(model: nn.Module, x: Tensor, target: Tensor, *, q: float | N
     """Rectified gradient without the final multiplication by the input (Brocki & Chung 2020,
     arXiv 2011.05002). (B, C, H, W)."""
     return rectified_gradient(model, x, target, q, internal_batch_size)
+
+
+# what the runner checks the model has before any compute (harness/validate.py)
+rectgrad.needs = ("relu",)
+nobias_rectgrad.needs = ("relu",)

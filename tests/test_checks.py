@@ -127,7 +127,7 @@ def test_module_granularity_stages(model):
         "original", "conv1", "conv2", "fc"]
 
 
-def test_store_writes_one_part_per_stage(model, tmp_path):
+def test_store_writes_one_part_per_stage_and_method(model, tmp_path):
 
     from harness.store import RunStore, read_rows
 
@@ -136,7 +136,9 @@ def test_store_writes_one_part_per_stage(model, tmp_path):
         store.add(item)
     store.flush()
     rows = read_rows(tmp_path)
-    assert len(list((tmp_path / "rows").glob("part-*.parquet"))) == 4  # original + 3 stages
+    parts = sorted(p.name for p in (tmp_path / "rows").glob("part-*.parquet"))
+    assert parts == [f"part-cascading-{i:03d}-{m}.parquet" for i in range(4)  # original + 3
+                     for m in ("gradient", "guided_backprop")]  # one per stage x method
     assert len(rows) == store.rows_written == 4 * 2 * 2 * len(METRICS)
     assert (rows["run_id"] == "r").all() and not rows.duplicated().any()
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporaries

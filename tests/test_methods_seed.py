@@ -167,7 +167,7 @@ def test_lrp_epsilon_conserves_relevance_without_bias(tiny_model, tiny_batch):
 def test_lrp_conservation_needs_the_residual_canonizers(arch, request, monkeypatch):
     """On bias-free timm models (efficientnet_lite0's skip blocks, ResNet's BasicBlock) the
     epsilon relevance sums to the logit within 1e-3; without the Sum canonizers it does not."""
-    import methods.lrp as lrp
+    import methods._lrp as lrp  # the zennit side of methods.lrp
 
     model = zero_biases(copy.deepcopy(request.getfixturevalue(arch)))  # BN at init: no bias
     x, target = small_images()
@@ -186,7 +186,7 @@ def test_canonization_is_exact_and_undone(arch, request):
     skips), every skip join gets a Sum, the logits stay the same, the model is restored."""
     from zennit.core import Composite
 
-    import methods.lrp as lrp
+    import methods._lrp as lrp  # the zennit side of methods.lrp
 
     model = randomize_batchnorms(copy.deepcopy(request.getfixturevalue(arch)))
     x, _ = small_images(2)

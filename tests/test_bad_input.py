@@ -1,0 +1,94 @@
+"""Bad input fails early: one line on stderr that says what is wrong, a non-zero exit, within
+10 seconds, before any check runs (no rows are written).
+
+Each case is a real command line of the ``sanity`` CLI; ``{tmp}`` is a folder prepared by the
+``bad_inputs`` fixture (an empty image folder, one with an unreadable image, a run dir of
+another config). Hyperparameters of a wrong name or type, shards out of range and resume=true
+without an earlier run are tested in-process (tests/test_validate.py): each CLI case costs an
+interpreter start with torch.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model=tiny_cnn", "dataset=digits", "dataset.n=2", "method=[gradient]", "metric=[ssim]",
+        "device=cpu", "figures=false", "progress=false"]
+LIMIT_S = 10.0  # the promise, on a machine that is not overloaded (see time_limit)
+
+# (id, overrides on top of FAST, fragment the one stderr line must contain)
+CASES = [
+    ("unknown method", ["method=[gradient,gradiant]"], "unknown method 'gradiant'; valid choices"),
+    ("unknown model", ["model=resnet9000"], "unknown model 'resnet9000'; valid choices"),
+    ("negative steps", ["method=[integrated_gradients]",
+                        "method.integrated_gradients.steps=-5"],
+     "method.integrated_gradients.steps must be >= 1, got -5"),
+    ("sigma zero", ["method=[smoothgrad]", "method.smoothgrad.noise_level=0"],
+     "method.smoothgrad.noise_level must be > 0, got 0"),
+    ("q above 100", ["method=[rectgrad]", "method.rectgrad.q=150"],
+     "method.rectgrad.q must be within [0, 100], got 150"),
+    ("gradcam without conv", ["model=mlp", "method=[gradcam]"],
+     "method gradcam needs a conv layer, which model mlp lacks"),
+    ("rectgrad without relu", ["model=mlp", "model.activation=gelu", "method=[rectgrad]"],
+     "method rectgrad needs nn.ReLU or nn.ReLU6 modules, which model mlp lacks"),
+    ("missing weights", ["model=timm", "model.name=resnet18", "model.pretrained=true"],
+     "pass model.checkpoint=PATH"),
+    ("missing data", ["dataset=mnist", "dataset.root={tmp}/empty"],
+     "dataset.root={tmp}/empty: no MNIST IDX files"),  # the message says where to get them
+    ("empty image folder", ["dataset=imagenet_folder", "dataset.root={tmp}/empty"],
+     "no images in class sub-folders"),
+    ("unreadable image", ["dataset=imagenet_folder", "dataset.root={tmp}/broken"],
+     "cannot read image {tmp}/broken/cls/bad.jpg"),
+    ("image size", ["model=mlp", "dataset=imagenet_samples"],
+     "the model takes 1-channel 28x28 inputs; this dataset's photos are RGB (3 channels)"),
+    ("output dir not writable", ["hydra.run.dir={tmp}/a_file/run"],
+     "output dir {tmp}/a_file/run is not writable"),
+    ("resume another config", ["hydra.run.dir={tmp}/foreign"],
+     "holds a run of a different config"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "empty").mkdir()
+    (tmp / "broken" / "cls").mkdir(parents=True)
+    (tmp / "broken" / "cls" / "bad.jpg").write_bytes(b"not a jpeg")
+    (tmp / "a_file").write_text("a file, not a folder")
+    foreign = tmp / "foreign"
+    (foreign / "rows").mkdir(parents=True)
+    (foreign / "claim.json").write_text(json.dumps({"run_id": "x", "config_digest": "0" * 12}))
+    (foreign / "rows" / "part-cascading-000-gradient.parquet").write_bytes(b"")
+    return tmp
+
+
+def time_limit() -> float:
+    """10 s, stretched (at most twice) when more processes compete for the cores than there
+    are cores: the imports of torch alone take seconds then."""
+    return LIMIT_S * max(1.0, min(2.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+
+
+@pytest.mark.parametrize("overrides,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_one_line_fast(bad_inputs, overrides, fragment, request):
+    args = [a.replace("{tmp}", str(bad_inputs)) for a in FAST + overrides]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={bad_inputs}/runs/{request.node.callspec.id.replace(' ', '_')}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    tic = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=60)
+    elapsed = time.perf_counter() - tic
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert fragment.replace("{tmp}", str(bad_inputs)) in lines[0]
+    print(f"{request.node.callspec.id}: {elapsed:.1f} s: {lines[0]}")
+    assert elapsed < time_limit(), f"{elapsed:.1f} s (load {os.getloadavg()[0]:.1f})"
+    run_dir = Path(args[-1].split("=", 1)[1]) if "runs/" in args[-1] else None
+    if run_dir is not None:  # nothing was computed
+        assert not list(run_dir.glob("rows/*.parquet"))
