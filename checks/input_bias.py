@@ -112,11 +112,24 @@ def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
                         intensity="intensity" in probes)
         yield from _maps(ctx, ref.maps, "original", 0)
         if ref.intensity:
-            yield from intensity_rows(ctx, ref.maps, x, {**ref.base, "stage": "original",
-                                                         "stage_index": 0},
-                                      explained, dark_fraction)
+            yield from grouped_by_method(intensity_rows(
+                ctx, ref.maps, x, {**ref.base, "stage": "original", "stage_index": 0},
+                explained, dark_fraction))
         for index, change in enumerate(changes, start=1):
-            yield from _changed_input(ctx, change, index, ref)
+            yield from grouped_by_method(_changed_input(ctx, change, index, ref))
+
+
+def grouped_by_method(items: Iterator[dict | MapRecord]) -> Iterator[dict | MapRecord]:
+    """A stage's items with each method's rows together (the store writes one part per
+    check x stage x method); map records pass first, rows keep their order within a method."""
+    rows: dict[str, list[dict]] = {}
+    for item in items:
+        if isinstance(item, dict):
+            rows.setdefault(item.get("method", ""), []).append(item)
+        else:
+            yield item
+    for method_rows in rows.values():
+        yield from method_rows
 
 
 def _changed_input(ctx: CheckContext, change: InputChange, index: int,
