@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CHOICE_GROUPS = ("model", "dataset", "method", "check", "metric", "experiment")
+CHOICE_GROUPS = ("model", "dataset", "method", "check", "metric", "experiment", "input_bias_task")
 _OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>[a-z_]+)=(?P<value>.*)$")
 SWEEPS_DIR = "results/sweeps"
 RUNS_DIR = "results/runs"
