@@ -19,3 +19,13 @@ def tiny_batch():
     x = torch.rand(3, 3, 32, 32, generator=g)
     target = torch.tensor([0, 2, 4])
     return x, target
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models train and explain several times faster so, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,12 +31,7 @@ METRIC_NORMALIZATION = {"ssim": "absolute", "spearman": "signed", "spearman_abs"
 METRIC_KWARGS = {"hog": {"pixels_per_cell": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ctx(model, methods=("gradient", "gradient_x_input"), n=3, dataset="digits",

@@ -31,13 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"subset": 96, "epochs": 2, "batch_size": 32, "target_accuracy": 1.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train several times faster on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @lru_cache
