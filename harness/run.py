@@ -212,8 +212,9 @@ def take_shard(data: Dataset, shard: int, num_shards: int) -> Dataset:
     if lo == hi:
         raise ValueError(f"dataset.shard={shard} of dataset.num_shards={num_shards} is empty: "
                          f"the dataset has {total} inputs (raise dataset.n or lower num_shards)")
+    masks = None if data.masks is None else data.masks[lo:hi]
     return replace(data, inputs=data.inputs[lo:hi], labels=data.labels[lo:hi],
-                   samples=data.samples[lo:hi],
+                   samples=data.samples[lo:hi], masks=masks,
                    source=f"{data.source}, shard {shard} of {num_shards}")
 
 

@@ -53,6 +53,9 @@ def test_shards_split_any_dataset_deterministically():
     assert torch.equal(take_shard(data, 1, 3).inputs, shards[1].inputs)
     with pytest.raises(ValueError, match="is empty"):
         take_shard(DATASETS["digits"](n=2), 0, 3)
+    objects = DATASETS["dark_object"](n=5)  # object masks travel with their images
+    parts = [take_shard(objects, i, 2) for i in range(2)]
+    assert torch.equal(torch.cat([p.masks for p in parts]), objects.masks)
     for shard, count in ((2, 2), (-1, 2), (0, 0)):
         with pytest.raises(ValueError, match="dataset"):
             check_shard(shard, count)
