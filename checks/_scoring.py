@@ -1,6 +1,7 @@
 """Shared by checks: explain a dataset in batches, normalize once, score against a reference."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -68,12 +69,26 @@ def score(ctx: CheckContext, maps: dict, reference: dict, base: dict,
                    "normalization": spec.normalization, "reason": reason}
 
 
+def score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, index: int,
+                target: torch.Tensor, with_maps: bool = False) -> Iterator[dict | MapRecord]:
+    """Explain the inputs with the model as it is now and score every method against its
+    ``references`` maps (:func:`explain_all` output): one unit of rows per method, followed by
+    its map record when ``with_maps``. ``knobs`` are columns of every row (``check`` among
+    them); methods not in ``ctx.methods`` (finished units of a resumed run) are skipped."""
+    if not ctx.methods:
+        return
+    stage_maps = explain_all(ctx, target)
+    for method, maps in stage_maps.items():
+        base = {**knobs, "method": method, "stage": stage, "stage_index": index}
+        yield from score(ctx, maps, references[method], base, target)
+        if with_maps:
+            yield map_record(ctx, maps, knobs["check"], method, stage, index)
+
+
 def method_hparams(method) -> str:
     """The method's own hyperparameters as sorted JSON, e.g. ``{"classes": "all", "k": 10}``:
     the keywords the runner bound with ``functools.partial``, without the run-wide
     ``internal_batch_size`` and ``seed`` (their own columns / run.json); ``{}`` otherwise."""
-    import json
-
     keywords = getattr(method, "keywords", None) or {}
     own = {k: v for k, v in keywords.items() if k not in ("internal_batch_size", "seed")}
     return json.dumps(own, sort_keys=True, default=str)

@@ -18,7 +18,7 @@ from dataclasses import replace
 from tqdm.auto import tqdm
 
 from checks import CHECKS
-from checks._scoring import explain_all, map_record, predict, score
+from checks._scoring import explain_all, map_record, predict, score_stage
 from harness.context import CheckContext, MapRecord
 from harness.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
@@ -60,7 +60,7 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
                                  explained) if needed else {}
         for m, maps in references.items():
             yield map_record(ctx, maps, check, m, "original", 0)
-        yield from _score_stage(todo[0], references, knobs, "original", 0, explained)
+        yield from score_stage(todo[0], references, knobs, "original", 0, explained)
         bar = tqdm(plan, desc=f"{check} stages", disable=not ctx.progress, leave=False)
         for index, (name, modules) in enumerate(bar, start=1):
             if not cumulative:
@@ -71,17 +71,6 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
                 continue
             stage_target = explained if target == "fixed" else predict(
                 ctx.model, ctx.data.inputs, ctx.batch_size)
-            yield from _score_stage(todo[index], references, knobs, name, index, stage_target,
+            yield from score_stage(todo[index], references, knobs, name, index, stage_target,
                                     with_maps=True)
 
-
-def _score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, index: int,
-                 target, with_maps: bool = False) -> Iterator[dict | MapRecord]:
-    if not ctx.methods:
-        return
-    stage_maps = explain_all(ctx, target)
-    for method, maps in stage_maps.items():
-        base = {**knobs, "method": method, "stage": stage, "stage_index": index}
-        yield from score(ctx, maps, references[method], base, target)
-        if with_maps:
-            yield map_record(ctx, maps, knobs["check"], method, stage, index)

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from checks import CHECKS
-from checks._scoring import explain_all, map_record, predict, score
+from checks._scoring import explain_all, map_record, predict, score_stage
 from harness.context import CheckContext, MapRecord, TrainedModel
 
 TARGETS = ("label", "fixed", "argmax")
@@ -61,11 +61,11 @@ def random_labels(ctx: CheckContext, target: str = "label", **_) -> Iterator[dic
     references = explain_all(replace(true_ctx, methods=needed), true_target)
     for method, maps in references.items():
         yield map_record(ctx, maps, "random_labels", method, STAGES[0], 0)
-    yield from _score_stage(replace(true_ctx, methods=todo[0].methods), references, knobs, 0,
-                            true_target)
+    yield from score_stage(replace(true_ctx, methods=todo[0].methods), references, knobs,
+                           STAGES[0], 0, true_target)
     random_target = _target(random_ctx, target) if target == "argmax" else true_target
-    yield from _score_stage(replace(random_ctx, methods=todo[1].methods), references, knobs, 1,
-                            random_target, with_maps=True)
+    yield from score_stage(replace(random_ctx, methods=todo[1].methods), references, knobs,
+                           STAGES[1], 1, random_target, with_maps=True)
 
 
 def _target(ctx: CheckContext, policy: str) -> torch.Tensor:
@@ -81,19 +81,6 @@ def _accuracy_rows(trained: TrainedModel, knobs: dict, stage: str,
         yield {**knobs, "method": "", "stage": stage, "stage_index": index, "sample": -1,
                "target": -1, "metric": metric, "value": float(value), "normalization": "",
                "reason": "", "n_images": int(count), "epochs": int(trained.epochs)}
-
-
-def _score_stage(ctx: CheckContext, references: dict, knobs: dict, index: int,
-                 target: torch.Tensor, with_maps: bool = False) -> Iterator[dict | MapRecord]:
-    if not ctx.methods:
-        return
-    stage_maps = explain_all(ctx, target)
-    for method in stage_maps:
-        base = {**knobs, "method": method, "stage": STAGES[index], "stage_index": index}
-        yield from score(ctx, stage_maps[method], references[method], base, target)
-        if with_maps:
-            yield map_record(ctx, stage_maps[method], "random_labels", method, STAGES[index],
-                             index)
 
 
 random_labels.trains_models = True  # the runner fills ctx.train and explains the test split
