@@ -13,7 +13,9 @@ once per chunk of inputs, then ``torch.func.vmap`` over one-hot cotangents, so m
 through one batched backward. (``autograd.grad(..., is_grads_batched=True)`` computes the same,
 but on CPU its convolution and BatchNorm backward fall back to a per-class loop.) Rows of one
 batched backward (inputs x classes) stay under ``internal_batch_size``; the winners are reduced
-chunk by chunk, so the (classes, C, H, W) stack is never held in memory.
+chunk by chunk, so the (classes, C, H, W) stack is never held in memory. Eval-mode BatchNorms
+are folded into their convolutions first (``methods._fold``): the function and its gradients
+are the same, and each of the M backward rows skips the BatchNorms.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from methods import METHODS
+from methods._fold import fold_batchnorm
 
 CLASS_SETS = ("all", "topk")
 
@@ -101,6 +104,7 @@ def cgi(model: nn.Module, x: Tensor, target: Tensor, *, classes: str = "all", k:
     """
     if classes not in CLASS_SETS:
         raise ValueError(f"cgi: classes must be one of {', '.join(CLASS_SETS)}, got {classes!r}")
+    model = fold_batchnorm(model)  # same gradients; M backward rows skip every BatchNorm
     parts, start, per_input = [], 0, None
     while start < len(x):  # the first chunk has one input and tells how many classes compete
         n = 1 if per_input is None else max(1, internal_batch_size // per_input)

@@ -1,4 +1,5 @@
-"""``import harness`` turns on PyTorch's huge-page allocation before torch allocates."""
+"""``import harness`` sets the CPU memory settings (huge pages, freed memory kept) before torch
+allocates; each can be turned off by its environment variable."""
 from __future__ import annotations
 
 import os
@@ -19,17 +20,26 @@ before = faults()
 block = torch.empty(64 << 18); block.fill_(1.0); del block
 print(faults() - before)
 """
+SETTINGS = ("THP_MEM_ALLOC_ENABLE", "HARNESS_KEEP_FREED_MEMORY")
 
 
-def faults_of_64_mib(env: dict) -> int:
+def faults_of_64_mib(**settings: str) -> int:
+    """Page faults of the second 64 MiB tensor of a fresh process that imports harness."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS} | settings
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           env=env, check=True, cwd=Path(__file__).resolve().parents[1])
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_import_keeps_freed_memory_for_the_next_tensor():
+    # 4 KiB pages, so that fresh memory would show as 16384 faults (test below)
+    assert faults_of_64_mib(THP_MEM_ALLOC_ENABLE="0") < 200  # the first tensor's pages reused
+
+
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
                     reason="the kernel offers no transparent huge pages")
 def test_import_enables_huge_page_allocation():
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    assert faults_of_64_mib(env) < 2000  # huge pages: ~32 faults of 2 MiB (+ a few)
-    assert faults_of_64_mib({**env, "THP_MEM_ALLOC_ENABLE": "0"}) > 8000  # 16384 of 4 KiB
+    fresh = {"HARNESS_KEEP_FREED_MEMORY": "0"}  # each tensor maps fresh memory
+    assert faults_of_64_mib(**fresh) < 2000  # huge pages: ~32 faults of 2 MiB (+ a few)
+    assert faults_of_64_mib(**fresh, THP_MEM_ALLOC_ENABLE="0") > 8000  # 16384 of 4 KiB

@@ -73,7 +73,9 @@ def lite0() -> nn.Module:
     """efficientnet_lite0's architecture (timm tf_efficientnet_lite0: Conv2dSame, BatchNormAct2d,
     ReLU6, 9 skip blocks) with random weights: the structure is what LRP's canonizers must get
     right; 10 classes keep CGI's loop cheap."""
-    return MODELS["timm"](name="tf_efficientnet_lite0", num_classes=10)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same random weights in every run
+        return MODELS["timm"](name="tf_efficientnet_lite0", num_classes=10)
 
 
 @pytest.fixture(scope="module")
@@ -338,12 +340,11 @@ def test_cgi_on_one_class_model_is_gradient_x_input(tiny_batch):
                         METHODS["gradient_x_input"](model, x, target), atol=1e-6)
 
 
-def test_cgi_keeps_exactly_the_winners(tiny_model, tiny_batch):
-    """Against the loop: a clear winner keeps a_t, a clear loser is 0; only values within float
-    error of a tie (or of 0) may go either way, and there are few of them."""
-    x, target = tiny_batch
-    ours = METHODS["cgi"](tiny_model, x, target, internal_batch_size=4)
-    contributions, value = reference_cgi(tiny_model, x, target)
+def assert_keeps_exactly_the_winners(ours: Tensor, contributions: Tensor, value: Tensor,
+                                     target: Tensor, decided: float) -> None:
+    """Against the loop's per-class contributions (K, n, C, H, W): a clear winner keeps a_t, a
+    clear loser is 0; only values within float error (1e-5 of the largest) of a tie or of 0 may
+    go either way, and more than ``decided`` of the features are clear."""
     others = contributions.clone()
     others[target, torch.arange(len(target))] = float("nan")  # the target's own entry
     best, worst = others.nan_to_num(float("-inf")).amax(0), others.nan_to_num(float("inf")).amin(0)
@@ -353,8 +354,14 @@ def test_cgi_keeps_exactly_the_winners(tiny_model, tiny_batch):
     loses = ((value > 0) & (value < best - margin)) | ((value < 0) & (value > worst + margin))
     kept = ours != 0
     assert kept[wins].all() and not kept[loses].any()
-    assert wins.any() and loses.any() and (wins | loses).float().mean() > 0.99
-    torch.testing.assert_close(ours[kept], value[kept], atol=1e-6 * value.abs().max(), rtol=0)
+    assert wins.any() and loses.any() and (wins | loses).float().mean() > decided
+    torch.testing.assert_close(ours[kept], value[kept], atol=1e-5 * value.abs().max(), rtol=0)
+
+
+def test_cgi_keeps_exactly_the_winners(tiny_model, tiny_batch):
+    x, target = tiny_batch
+    ours = METHODS["cgi"](tiny_model, x, target, internal_batch_size=4)
+    assert_keeps_exactly_the_winners(ours, *reference_cgi(tiny_model, x, target), target, 0.99)
 
 
 def test_cgi_ties_keep_the_value(tiny_batch):
@@ -382,14 +389,10 @@ def test_cgi_topk(tiny_model, tiny_batch):
 
 
 def test_cgi_on_lite0_equals_reference(lite0):
+    """Conv2dSame, BatchNormAct2d (folded by cgi, not by the loop), ReLU6, skip blocks."""
     x, target = small_images()
-    contributions, value = reference_cgi(lite0, x, target)
-    expected = torch.where(((value > 0) & (value >= contributions.amax(0)))
-                           | ((value < 0) & (value <= contributions.amin(0))), value, 0)
     ours = METHODS["cgi"](lite0, x, target, internal_batch_size=4)
-    agree = (ours != 0) == (expected != 0)
-    assert agree.float().mean() > 0.999  # near-ties may flip within float error
-    assert_close_scaled(ours[agree], expected[agree], atol=1e-5)
+    assert_keeps_exactly_the_winners(ours, *reference_cgi(lite0, x, target), target, 0.95)
 
 
 # --- controls ---------------------------------------------------------------------------------

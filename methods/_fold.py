@@ -1,0 +1,123 @@
+"""Eval-mode BatchNorm folded into the convolution before it, for methods that only need input
+gradients of the model as it is.
+
+In eval mode BatchNorm is a per-channel affine map, y = (z - mean) * s + beta with
+s = gamma / sqrt(var + eps); after a convolution z = W * x + b it merges into one convolution with
+weights W * s and bias (b - mean) * s + beta. The folded model computes the same function (up to
+float rounding), so it has the same input gradients, but its backward skips one pass over every
+activation per BatchNorm: CGI's batched backward through efficientnet_lite0 is ~30 % faster.
+(The same identity as zennit's ``MergeBatchNorm`` canonizer; zennit edits the model in place
+and keeps the BatchNorm as an identity, here the original model is never touched and the
+BatchNorm leaves the graph.)
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+class _ConvBatchNormTracer(fx.Tracer):
+    """Keeps convolutions and BatchNorms (also subclasses such as timm's) as graph nodes."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(
+            module, qualified_name)
+
+
+def _after_normalization(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What a BatchNorm module does after normalizing: None for plain ``nn.BatchNorm2d``, its
+    dropout and activation for timm's ``BatchNormAct2d``. Raises for another subclass (its
+    forward is unknown, so it is not folded)."""
+    if type(bn) is nn.BatchNorm2d:
+        return None
+    if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "drop") and hasattr(bn, "act"):
+        return nn.Sequential(bn.drop, bn.act)
+    raise TypeError(type(bn).__name__)
+
+
+def folded_convolution(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of ``conv`` that also applies the eval-mode ``bn`` after it."""
+    merged = copy.deepcopy(conv)
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = -bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        merged.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+        merged.bias = nn.Parameter(bias, requires_grad=False)
+    return merged
+
+
+def _foldable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A BatchNorm node in eval mode whose only input is a convolution used by nothing else."""
+    if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        return False
+    bn, source = modules[node.target], node.args[0] if node.args else None
+    return (not bn.training and bn.running_mean is not None and len(node.args) == 1
+            and not node.kwargs and isinstance(source, fx.Node) and source.op == "call_module"
+            and type(modules[source.target]) in (nn.Conv2d, *_CONV_SUBCLASSES)
+            and len(source.users) == 1)
+
+
+# timm's Conv2dSame pads in its forward and then convolves with its weights: folding is exact.
+_CONV_SUBCLASSES: tuple[type, ...] = ()
+try:
+    from timm.layers import Conv2dSame
+
+    _CONV_SUBCLASSES = (Conv2dSame,)
+except ImportError:  # timm is optional here
+    pass
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every eval-mode BatchNorm2d that directly follows a Conv2d merged into it.
+
+    Returns a ``torch.fx.GraphModule`` that shares the other submodules with ``model`` (so it
+    must be rebuilt after the weights change), or ``model`` itself when there is nothing to fold
+    or it cannot be traced symbolically (e.g. data-dependent control flow). ``model`` itself is
+    never modified. Input (B, C, H, W) -> the same logits as ``model``.
+    """
+    if not any(isinstance(m, nn.BatchNorm2d) and not m.training for m in model.modules()):
+        return model
+    try:
+        graph = _ConvBatchNormTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means "use the model as it is"
+        return model
+    folded = fx.GraphModule(model, graph)  # new containers; the leaves are model's modules
+    modules = dict(folded.named_modules())
+    count = 0
+    for node in list(graph.nodes):
+        if not _foldable(node, modules):
+            continue
+        try:
+            rest = _after_normalization(modules[node.target])
+        except TypeError:
+            continue
+        source = node.args[0]
+        _replace_submodule(folded, source.target,
+                           folded_convolution(modules[source.target], modules[node.target]))
+        if rest is None:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+        else:
+            _replace_submodule(folded, node.target, rest)
+        count += 1
+    if count == 0:
+        return model
+    graph.lint()
+    folded.delete_all_unused_submodules()
+    folded.recompile()
+    return folded.train(model.training)
+
+
+def _replace_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Set ``root.<target>`` to ``module`` (``GraphModule`` containers are its own copies)."""
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
