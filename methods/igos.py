@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from methods import METHODS
 from methods._common import target_logits
+from methods._fold import fold_batchnorm
 
 TERMS = ("deletion", "insertion", "deletion", "insertion")  # combined mask twice, then d, i
 TV_BETA = 2  # exponent of the (bilateral) total variation
@@ -64,6 +65,7 @@ def igos_pp_masks(model: nn.Module, x: Tensor, target: Tensor, *, size: int, L1:
         raise ValueError(f"ig_iter and internal_batch_size must be >= 1, got {ig_iter}, "
                          f"{internal_batch_size}")
     image = x.detach()
+    model = fold_batchnorm(model)  # same function; its ~10^4 passes skip every BatchNorm
     problem = IgosProblem(model, image, blurred_baseline(image, blur_ksize, blur_sigma),
                           target.to(x.device), ig_iter, noise, L1, L2, internal_batch_size,
                           seed, *bilateral_weights(image))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from methods import METHODS
 from methods._common import input_gradients, logit_gradient
+from methods._fold import fold_batchnorm
 
 # --- Guided Integrated Gradients ---------------------------------------------------------------
 
@@ -36,6 +37,7 @@ def guided_ig(model: nn.Module, x: Tensor, target: Tensor, *, steps: int = 200,
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    model = fold_batchnorm(model)  # same gradients; the steps' passes skip every BatchNorm
     end = x.detach().flatten(1).double()
     start = torch.full_like(end, baseline)
     point, attribution = start.clone(), torch.zeros_like(end)
@@ -122,6 +124,7 @@ def blur_ig(model: nn.Module, x: Tensor, target: Tensor, *, max_sigma: float = 5
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    model = fold_batchnorm(model)  # same gradients; the steps' passes skip every BatchNorm
     sigmas = blur_sigmas(max_sigma, steps, sqrt)
     image = x.detach().double()
     total = torch.zeros_like(image)

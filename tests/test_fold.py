@@ -2,6 +2,9 @@
 no BatchNorm left where one follows a convolution, and the original model is untouched."""
 from __future__ import annotations
 
+import sys
+from functools import partial
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -106,3 +109,34 @@ def test_nothing_to_fold_returns_the_model(tiny_model):
     assert fold_batchnorm(training) is training  # batch statistics: not an affine map
     untraceable = with_random_statistics(Untraceable())
     assert fold_batchnorm(untraceable) is untraceable
+
+
+def folding_methods() -> list[str]:
+    """Registry entries whose module calls fold_batchnorm (a new one is tested automatically)."""
+    from methods import METHODS
+
+    return sorted(name for name in METHODS
+                  if hasattr(sys.modules[METHODS[name].__module__], "fold_batchnorm"))
+
+
+SMALL_BUDGETS = {"guided_ig": {"steps": 8}, "blur_ig": {"steps": 8},
+                 "igos_pp": {"iterations": 2, "ig_iter": 2}, "cgi": {"classes": "topk", "k": 20}}
+
+
+@pytest.mark.parametrize("name", folding_methods())
+def test_methods_explain_the_folded_model_like_the_model(name, monkeypatch):
+    """The map through the folded copy equals the map with folding switched off."""
+    from methods import METHODS
+
+    model = CASES["resnet18"][0]()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([3, 7])
+    method = partial(METHODS[name], **SMALL_BUDGETS.get(name, {}), internal_batch_size=8)
+    folded = method(model, x, target)
+    monkeypatch.setattr(sys.modules[METHODS[name].__module__], "fold_batchnorm", lambda m: m)
+    unfolded = method(model, x, target)
+    scale = unfolded.abs().max()
+    assert scale > 0
+    # iGOS++'s line search amplifies float rounding a little; the others agree to rounding
+    atol = 1e-2 if name == "igos_pp" else 1e-4
+    torch.testing.assert_close(folded / scale, unfolded / scale, atol=atol, rtol=0)
