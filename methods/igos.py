@@ -65,7 +65,9 @@ def igos_pp_masks(model: nn.Module, x: Tensor, target: Tensor, *, size: int, L1:
         raise ValueError(f"ig_iter and internal_batch_size must be >= 1, got {ig_iter}, "
                          f"{internal_batch_size}")
     image = x.detach()
-    model = fold_batchnorm(model)  # same function; its ~10^4 passes skip every BatchNorm
+    # Same function, and its ~10^4 passes skip every BatchNorm. The line search's accept/reject
+    # decisions see the loss up to rounding, so the masks may differ from the unfolded model's.
+    model = fold_batchnorm(model)
     problem = IgosProblem(model, image, blurred_baseline(image, blur_ksize, blur_sigma),
                           target.to(x.device), ig_iter, noise, L1, L2, internal_batch_size,
                           seed, *bilateral_weights(image))
