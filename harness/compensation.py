@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.randomize import restore_, snapshot
+from harness.randomize import first_calls, restore_, snapshot
 
 SUPPORTED = (nn.Conv2d, nn.Linear)
 
@@ -56,23 +56,7 @@ def first_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module]:
     It must be a conv or dense layer whose input is the model input itself (possibly
     flattened); otherwise the compensation could not be exact and a ValueError says why.
     """
-    seen: list[tuple[str, nn.Module, Tensor]] = []
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if not seen:
-                seen.append((name, module, args[0].detach()))
-        return hook
-
-    handles = [module.register_forward_pre_hook(record(name))
-               for name, module in model.named_modules()
-               if any(True for _ in module.parameters(recurse=False))]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    seen = first_calls(model, example)
     if not seen:
         raise ValueError(f"{type(model).__name__} has no parametrized layer")
     name, module, received = seen[0]
@@ -80,7 +64,7 @@ def first_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module]:
         raise ValueError(f"input_bias compensates a first Conv2d or Linear layer; the first "
                          f"parametrized layer of {type(model).__name__} is {name} "
                          f"({type(module).__name__})")
-    if received.numel() != example.numel() or not torch.equal(received.reshape(-1),
+    if received is None or received.numel() != example.numel() or not torch.equal(received.reshape(-1),
                                                                example.reshape(-1)):
         raise ValueError(f"the first layer {name} does not read the model input directly "
                          "(a preprocessing step before it?): the compensation would not be exact")

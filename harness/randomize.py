@@ -25,10 +25,20 @@ def stage_seed(base_seed: int, stage: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Names of the parametrized leaf modules in the order a forward pass of ``x`` calls them."""
-    order: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+def first_calls(model: nn.Module,
+                x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor | None]]:
+    """The parametrized leaf modules in the order a forward pass of ``x`` first calls them, each
+    with the (detached) input it received then (None if not passed as a tensor argument)."""
+    calls: dict[str, tuple[nn.Module, torch.Tensor | None]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in calls:  # first call wins (shared modules run more than once)
+                received = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                calls[name] = (module, None if received is None else received.detach())
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name))
                for name, module in model.named_modules()
                if any(True for _ in module.parameters(recurse=False))]
     try:
@@ -37,7 +47,12 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(order))  # first call wins (shared modules run more than once)
+    return [(name, module, received) for name, (module, received) in calls.items()]
+
+
+def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the parametrized leaf modules in the order a forward pass of ``x`` calls them."""
+    return [name for name, _, _ in first_calls(model, x)]
 
 
 def stages(model: nn.Module, x: torch.Tensor, granularity: str) -> list[tuple[str, list[nn.Module]]]:

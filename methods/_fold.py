@@ -58,6 +58,16 @@ def folded_convolution(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return merged
 
 
+# timm's Conv2dSame pads in its forward and then convolves with its weights: folding is exact.
+_CONV_SUBCLASSES: tuple[type, ...] = ()
+try:
+    from timm.layers import Conv2dSame
+
+    _CONV_SUBCLASSES = (Conv2dSame,)
+except ImportError:  # timm is optional here
+    pass
+
+
 def _foldable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A BatchNorm node in eval mode whose only input is a convolution used by nothing else."""
     if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
@@ -67,16 +77,6 @@ def _foldable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             and not node.kwargs and isinstance(source, fx.Node) and source.op == "call_module"
             and type(modules[source.target]) in (nn.Conv2d, *_CONV_SUBCLASSES)
             and len(source.users) == 1)
-
-
-# timm's Conv2dSame pads in its forward and then convolves with its weights: folding is exact.
-_CONV_SUBCLASSES: tuple[type, ...] = ()
-try:
-    from timm.layers import Conv2dSame
-
-    _CONV_SUBCLASSES = (Conv2dSame,)
-except ImportError:  # timm is optional here
-    pass
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
