@@ -64,8 +64,9 @@ def first_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module]:
         raise ValueError(f"input_bias compensates a first Conv2d or Linear layer; the first "
                          f"parametrized layer of {type(model).__name__} is {name} "
                          f"({type(module).__name__})")
-    if received is None or received.numel() != example.numel() or not torch.equal(received.reshape(-1),
-                                                               example.reshape(-1)):
+    reads_input = received is not None and received.numel() == example.numel() and torch.equal(
+        received.reshape(-1), example.reshape(-1))
+    if not reads_input:
         raise ValueError(f"the first layer {name} does not read the model input directly "
                          "(a preprocessing step before it?): the compensation would not be exact")
     return name, module
