@@ -3,7 +3,7 @@
 A check is a generator of tidy rows (dicts, see results/README.md) and map records; it does
 no file I/O: the runner writes.
 """
-from harness.registry import Registry
+from harness.base.registry import Registry
 
 CHECKS = Registry("check")
 

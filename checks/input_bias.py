@@ -7,7 +7,7 @@ highlight pixels whose input value is near zero, whatever their importance; afte
 the input encoding the blind spot moves to whichever colour maps to zero. Three probes:
 
 * ``shift`` (Kindermans et al.): x' = x + delta for each of ``deltas`` (model input units), the
-  first layer compensated (:mod:`harness.compensation`: weights, bias, and an exact border
+  first layer compensated (:mod:`checks.compensation`: weights, bias, and an exact border
   correction for zero padding) so that the model computes the same logits. Stage
   ``shift=+0.25`` etc. compares each method's map of x' with its map of x.
 * ``scale``: a change of encoding x' = alpha * x + beta, from the model's own normalization
@@ -24,7 +24,7 @@ the input encoding the blind spot moves to whichever colour maps to zero. Three 
   object masks (``dark_object``), ``mass_in_object`` (share of m inside the object; the
   ``polarity`` column says whether the object is dark or bright, ``object_fraction`` its area).
 
-Rows: the similarity rows of :func:`checks._scoring.score` per (stage, method, sample, metric);
+Rows: the similarity rows of :func:`checks.scoring.score` per (stage, method, sample, metric);
 the intensity rows (``normalization`` ``mass``); and per shift / scale stage one
 ``max_logit_change`` row (method empty, sample and target -1): the largest absolute change of any
 logit of any input under the compensated encoding. Above ``tolerance`` the check fails loudly
@@ -33,7 +33,7 @@ check has the same columns (``probe``, ``delta``, ``encoding``, ``alpha``, ``bet
 ``first_layer``, ``compensation``, ``border_correction``, ``tolerance``, ``polarity``,
 ``object_fraction``), so the parquet parts share one schema.
 
-The model is changed only inside :func:`harness.compensation.compensated` and the whole model is
+The model is changed only inside :func:`checks.compensation.compensated` and the whole model is
 restored on exit (also when the generator is closed early or a method raises).
 """
 from __future__ import annotations
@@ -46,10 +46,10 @@ import torch
 from torch import Tensor
 
 from checks import CHECKS
-from checks._scoring import explain_all, map_record, method_hparams, score
-from harness.compensation import compensated
-from harness.context import CheckContext, MapRecord
-from harness.randomize import restored
+from checks.compensation import compensated
+from checks.scoring import explain_all, map_record, method_hparams, score
+from harness.base.context import CheckContext, MapRecord
+from harness.base.randomize import restored
 from metrics import METRICS
 
 PROBES = ("shift", "scale", "intensity")

@@ -18,9 +18,9 @@ from dataclasses import replace
 from tqdm.auto import tqdm
 
 from checks import CHECKS
-from checks._scoring import explain_all, map_record, predict, score_stage
-from harness.context import CheckContext, MapRecord
-from harness.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
+from checks.scoring import explain_all, map_record, predict, score_stage
+from harness.base.context import CheckContext, MapRecord
+from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
 TARGETS = ("fixed", "argmax")
 

@@ -26,8 +26,8 @@ from dataclasses import replace
 import torch
 
 from checks import CHECKS
-from checks._scoring import explain_all, map_record, predict, score_stage
-from harness.context import CheckContext, MapRecord, TrainedModel
+from checks.scoring import explain_all, map_record, predict, score_stage
+from harness.base.context import CheckContext, MapRecord, TrainedModel
 
 TARGETS = ("label", "fixed", "argmax")
 STAGES = ("true_labels", "random_labels")

@@ -72,9 +72,12 @@ def _app():
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
-        from harness.registry import UnknownNameError
+        from harness.allocator import tune_allocator
+        from harness.base.registry import UnknownNameError
         from harness.run import run, summary
         from harness.store import record_failure
+
+        tune_allocator()  # also in a launcher's job process (a no-op when already set)
 
         for noisy in ("fontTools", "matplotlib", "PIL"):  # Hydra logs at INFO: keep them quiet
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -127,6 +130,9 @@ def check_writable(argv: list[str]) -> None:
 
 
 def main() -> None:
+    from harness.allocator import tune_allocator
+
+    tune_allocator()  # before torch allocates: the entry point, not an import, sets it
     argv = sys.argv[1:]
     if argv[:1] == ["list"]:
         list_main()

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from harness.data import DATASETS, Dataset, _check_split, _first, _to_model_input
+from harness.base.dataset import DATASETS, Dataset, check_split, first_count, to_model_input
 
 SHAPES = ("square", "disk", "cross")
 POLARITIES = ("dark", "bright")  # the object's brightness relative to the background
@@ -35,17 +35,17 @@ def dark_object(n: int | None = 16, data_config: dict | None = None, split: str 
     std ``noise``, clipped to [0, 1]. Polarity alternates with the sample index (even: dark
     object). ``Dataset.masks``: (N, H, W) bool, the object's pixels at the model's input size.
     """
-    _check_split(split, tuple(SPLIT_SIZES))
+    check_split(split, tuple(SPLIT_SIZES))
     total = SPLIT_SIZES[split]  # the whole split is drawn, so the first n never depend on n
     samples = np.arange(total) + SPLIT_OFFSETS[split]
     generator = np.random.default_rng([seed, SPLIT_OFFSETS[split]])
     labels = generator.integers(0, len(SHAPES), size=total)
     masks = np.stack([object_mask(size, SHAPES[label], generator) for label in labels])
     images = render(masks, samples % 2 == 0, dark, bright, noise, generator)
-    count = _first(n, total)
+    count = first_count(n, total)
     samples, labels, masks, images = samples[:count], labels[:count], masks[:count], images[:count]
     config = data_config or {}
-    inputs, mean, std = _to_model_input(torch.from_numpy(images).unsqueeze(1), config)
+    inputs, mean, std = to_model_input(torch.from_numpy(images).unsqueeze(1), config)
     return Dataset(inputs=inputs, labels=torch.from_numpy(labels.astype(np.int64)),
                    samples=torch.from_numpy(samples.astype(np.int64)), mean=mean, std=std,
                    source=f"synthetic dark_object, {split} split (seed {seed})",

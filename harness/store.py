@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.context import MapRecord
+from harness.base.context import MapRecord
 from harness.data import Dataset
 
 if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits

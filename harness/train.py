@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.context import TrainedModel
+from harness.base.context import TrainedModel
+from harness.base.randomize import stage_seed
 from harness.data import Dataset
-from harness.randomize import stage_seed
 
 LABELS = ("true", "random")
 OPTIMIZERS = ("adam", "sgd")

@@ -15,7 +15,7 @@ import typing
 import torch
 from torch import nn
 
-from harness.meta import model_meta
+from harness.base.meta import model_meta
 
 # Declared ranges of hyperparameters, by name, for every method that has one:
 # (low, high, low_inclusive). Names mean the same in every method of methods/.

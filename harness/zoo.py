@@ -1,13 +1,13 @@
 """The model zoo. ``MODELS[name](**cfg) -> nn.Module`` in eval mode, with a
-:class:`harness.meta.ModelMeta` attached (randomization blocks, GradCAM layer, data config).
+:class:`harness.base.meta.ModelMeta` attached (randomization blocks, GradCAM layer, data config).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from harness.meta import ModelMeta, attach_meta
-from harness.registry import Registry
+from harness.base.meta import ModelMeta, attach_meta
+from harness.base.registry import Registry
 
 MODELS = Registry("model")
 
@@ -226,7 +226,7 @@ def architecture_blocks(model: nn.Module) -> tuple[list[str], dict[str, list[str
         return [*[b for b in INCEPTION_V3_BLOCKS if b in names], _classifier_name(model)], {}
     if "features" in names and isinstance(model.features, nn.Sequential):  # VGG family
         return _vgg_blocks(model), {}
-    from harness.meta import fallback_meta
+    from harness.base.meta import fallback_meta
 
     return fallback_meta(model).blocks, {}
 

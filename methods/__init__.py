@@ -4,9 +4,8 @@ Every method returns raw, signed attributions; post-processing lives in ``metric
 A method leaves the model as it found it (weights, hooks, ``requires_grad``) and never
 touches ``x.grad``.
 """
-from harness.registry import Registry
+from harness.base.registry import Registry
 
 METHODS = Registry("method")
 
-from methods import (  # noqa: E402,F401  (fill the registry)
-    cgi, controls, gradients, guided, igos, lrp, path_methods, rectgrad)
+from methods import cgi, controls, gradients, guided, igos, lrp, path_methods, rectgrad  # noqa: E402,F401  (fill the registry)

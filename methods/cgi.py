@@ -14,7 +14,7 @@ through one batched backward. (``autograd.grad(..., is_grads_batched=True)`` com
 but on CPU its convolution and BatchNorm backward fall back to a per-class loop.) Rows of one
 batched backward (inputs x classes) stay under ``internal_batch_size``; the winners are reduced
 chunk by chunk, so the (classes, C, H, W) stack is never held in memory. Eval-mode BatchNorms
-are folded into their convolutions first (``methods._fold``): the function and its gradients
+are folded into their convolutions first (``methods.fold``): the function and its gradients
 are the same, and each of the M backward rows skips the BatchNorms.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from methods import METHODS
-from methods._fold import fold_batchnorm
+from methods.fold import fold_batchnorm
 
 CLASS_SETS = ("all", "topk")
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from methods import METHODS
-from methods._common import gaussian_noise, input_gradients, noise_sigma, shared
+from methods.common import gaussian_noise, input_gradients, noise_sigma, shared
 
 
 @METHODS.register

@@ -13,10 +13,17 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from harness.meta import gradcam_layer
+from harness.base.meta import gradcam_layer
 from methods import METHODS
-from methods._common import (captured_outputs, forward_hooks, input_gradients, map_chunks,
-                             shared, target_logits, upsample_like)
+from methods.common import (
+    captured_outputs,
+    forward_hooks,
+    input_gradients,
+    map_chunks,
+    shared,
+    target_logits,
+    upsample_like,
+)
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
@@ -78,7 +85,7 @@ def _gradcam_chunk(model: nn.Module, layer: nn.Module, x: Tensor, target: Tensor
 
 def gradcam_maps(model: nn.Module, x: Tensor, target: Tensor, relu: bool,
                  internal_batch_size: int) -> Tensor:
-    """GradCAM at the layer of ``harness.meta.gradcam_layer``: x (B, C, H, W) -> (B, 1, h, w)."""
+    """GradCAM at the layer of ``harness.base.meta.gradcam_layer``: x (B, C, H, W) -> (B, 1, h, w)."""
     layer = gradcam_layer(model)
 
     def compute() -> Tensor:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods import METHODS
-from methods._common import target_logits
-from methods._fold import fold_batchnorm
+from methods.common import target_logits
+from methods.fold import fold_batchnorm
 
 TERMS = ("deletion", "insertion", "deletion", "insertion")  # combined mask twice, then d, i
 TV_BETA = 2  # exponent of the (bilateral) total variation

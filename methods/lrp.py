@@ -44,9 +44,9 @@ from methods import METHODS
 def lrp_epsilon(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: float = 1e-6,
                 internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """LRP-epsilon for every conv and dense layer (Bach et al. 2015). (B, C, H, W)."""
-    from methods import _lrp
+    from methods import lrp_zennit
 
-    return _lrp.lrp_epsilon(model, x, target, epsilon=epsilon,
+    return lrp_zennit.lrp_epsilon(model, x, target, epsilon=epsilon,
                             internal_batch_size=internal_batch_size, seed=seed)
 
 
@@ -56,9 +56,9 @@ def lrp_alpha_beta(model: nn.Module, x: Tensor, target: Tensor, *, alpha: float 
                    seed: int = 0) -> Tensor:
     """LRP-alpha-beta for convolutions, epsilon for dense layers (Bach et al. 2015; zennit's
     EpsilonAlpha2Beta1 for alpha=2, beta=1; zennit needs alpha - beta = 1). (B, C, H, W)."""
-    from methods import _lrp
+    from methods import lrp_zennit
 
-    return _lrp.lrp_alpha_beta(model, x, target, alpha=alpha, beta=beta, epsilon=epsilon,
+    return lrp_zennit.lrp_alpha_beta(model, x, target, alpha=alpha, beta=beta, epsilon=epsilon,
                                internal_batch_size=internal_batch_size, seed=seed)
 
 
@@ -67,7 +67,7 @@ def lrp_epsilon_plus(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: fl
                      internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """LRP with z+ for convolutions and epsilon for dense layers (zennit's EpsilonPlus; Montavon
     et al. 2019). (B, C, H, W)."""
-    from methods import _lrp
+    from methods import lrp_zennit
 
-    return _lrp.lrp_epsilon_plus(model, x, target, epsilon=epsilon,
+    return lrp_zennit.lrp_epsilon_plus(model, x, target, epsilon=epsilon,
                                  internal_batch_size=internal_batch_size, seed=seed)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from methods import METHODS
-from methods._common import input_gradients, logit_gradient
-from methods._fold import fold_batchnorm
+from methods.common import input_gradients, logit_gradient
+from methods.fold import fold_batchnorm
 
 # --- Guided Integrated Gradients ---------------------------------------------------------------
 

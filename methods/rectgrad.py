@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from methods import METHODS
-from methods._common import forward_hooks, input_gradients, shared
+from methods.common import forward_hooks, input_gradients, shared
 
 RECTIFIED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 

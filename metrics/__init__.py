@@ -3,7 +3,7 @@
 A metric compares ``a[i]`` with ``b[i]`` only. Maps are normalized first by
 ``metrics.normalize.NORMALIZATIONS[name]`` (B, C, H, W) -> (B, H, W), chosen per metric in config.
 """
-from harness.registry import Registry
+from harness.base.registry import Registry
 
 METRICS = Registry("metric")
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.registry import Registry
-from metrics._parallel import by_chunks, coarse_threads
+from harness.base.registry import Registry
+from metrics.parallel import by_chunks, coarse_threads
 
 NORMALIZATIONS = Registry("normalization")
 
@@ -80,7 +80,7 @@ def _channel_sum(m: Tensor, absolute: bool) -> Tensor:
 def _by_samples(fn: Callable[[Tensor], Tensor], m: Tensor) -> Tensor:
     """``fn(m)`` for a per-sample ``fn`` (B, C, H, W) -> (B, H, W), computed on slices of the
     batch so that the float64 intermediates stay in the CPU cache (about 1.5x faster), on
-    several threads (see :mod:`metrics._parallel`)."""
+    several threads (see :mod:`metrics.parallel`)."""
     _check_bchw(m)
     if m.shape[0] == 0:
         return fn(m)

@@ -17,7 +17,7 @@ How they are fast (the references cost 60-70 ms per pair of 224x224 maps; these 
   width of an edge with skimage's own float64 rule, so every pixel lands in skimage's bin; the
   cell histograms are one ``index_add_``.
 * Batches are cut into slices of rows, computed on ``torch.get_num_threads()`` threads, each
-  slice single-threaded (see :mod:`metrics._parallel`). Spearman and HOG compute in numpy on
+  slice single-threaded (see :mod:`metrics.parallel`). Spearman and HOG compute in numpy on
   the CPU (maps on another device are copied there); the scores go back to ``a``'s device.
 * Pieces of a map that do not depend on the other map are memoized on the tensor object
   (weakly; any in-place change invalidates them). The checks compare every stage with the
@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from metrics import METRICS
-from metrics._parallel import by_chunks, coarse_threads
+from metrics.parallel import by_chunks, coarse_threads
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # skimage: an 11-tap window for sigma 1.5, as in Wang et al. 2004
@@ -69,7 +69,7 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
 
 
 def _by_chunks(fn: Callable[..., T], *arrays, row_pixels: int, **kw) -> list[T]:
-    """:func:`metrics._parallel.by_chunks` with slices of about ``CHUNK_PIXELS`` pixels."""
+    """:func:`metrics.parallel.by_chunks` with slices of about ``CHUNK_PIXELS`` pixels."""
     return by_chunks(fn, *arrays, row_pixels=row_pixels, chunk_pixels=CHUNK_PIXELS, **kw)
 
 

@@ -26,14 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-import harness  # noqa: E402,F401  (first: it sets torch's allocator, see harness/__init__.py)
+from harness.allocator import tune_allocator  # noqa: E402
+
+tune_allocator()  # before torch allocates (harness/allocator.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from checks import CHECKS  # noqa: E402
-from harness.context import CheckContext, MetricSpec  # noqa: E402
+from harness.base.context import CheckContext, MetricSpec  # noqa: E402
+from harness.base.meta import model_meta  # noqa: E402
 from harness.data import DATASETS  # noqa: E402
-from harness.meta import model_meta  # noqa: E402
 from harness.zoo import MODELS  # noqa: E402
 from methods import METHODS  # noqa: E402
 from metrics import METRICS, NORMALIZATIONS  # noqa: E402
@@ -170,7 +172,7 @@ def bench_metrics(pairs: int = 64, size: int = 224) -> None:
 
 def first_conv_weight(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
     """Shape of the weight of the first conv a forward pass runs (the stem)."""
-    from harness.randomize import execution_order
+    from harness.base.randomize import execution_order
 
     for name in execution_order(model, x[:1]):
         module = model.get_submodule(name)
@@ -205,7 +207,7 @@ def rows_through_stem(fn, weight_shape: list[int]) -> tuple[float, int, int]:
 
 def bench_methods(names: list[str] | None = None, n: int = 1,
                   internal_batch_size: int = 16) -> None:
-    from checks._scoring import predict
+    from checks.scoring import predict
 
     names = [name for name in (names or sorted(METHODS)) if METHODS[name]]  # unknown: fail now
     torch.set_flush_denormal(True)  # as the runner does by default
@@ -247,7 +249,7 @@ def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Te
     """CGI over all classes of one photo: batched VJPs (``METHODS["cgi"]``) vs the loop of one
     backward per class, on the model as given and on the same BatchNorm-folded model that
     ``cgi`` uses (that ratio is the batching alone)."""
-    from methods._fold import fold_batchnorm
+    from methods.fold import fold_batchnorm
 
     timings, maps = {}, {}
     runs = {"batched": lambda: METHODS["cgi"](model, x, target, classes="all",

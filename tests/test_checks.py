@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from checks import CHECKS
-from harness.context import CheckContext, MapRecord, MetricSpec
+from harness.base.context import CheckContext, MapRecord, MetricSpec
+from harness.base.meta import model_meta
+from harness.base.randomize import snapshot
 from harness.data import DATASETS
-from harness.meta import model_meta
-from harness.randomize import snapshot
 from methods import METHODS
 from metrics import METRICS
 

@@ -1,4 +1,4 @@
-"""``methods._fold.fold_batchnorm``: the folded model has the same logits and input gradients,
+"""``methods.fold.fold_batchnorm``: the folded model has the same logits and input gradients,
 no BatchNorm left where one follows a convolution, and the original model is untouched."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.zoo import MODELS
-from methods._fold import fold_batchnorm
+from methods.fold import fold_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from checks import CHECKS
+from checks.compensation import compensated, first_layer
 from checks.input_bias import (
     CompensationError,
     dark_mass_ratio,
     encoding_change,
     mass_in_object,
 )
-from harness.compensation import compensated, first_layer
-from harness.context import CheckContext, MapRecord, MetricSpec
+from harness.base.context import CheckContext, MapRecord, MetricSpec
+from harness.base.meta import model_meta
+from harness.base.randomize import snapshot
 from harness.data import DATASETS
-from harness.meta import model_meta
-from harness.randomize import snapshot
 from harness.zoo import MODELS
 from methods import METHODS
 from metrics import METRICS
@@ -146,7 +146,7 @@ def test_border_correction_follows_a_batchnorm_merge():
     compensated model still computes the original logits then."""
     from zennit.composites import EpsilonPlus
 
-    from methods._lrp import canonizers_for, registered
+    from methods.lrp_zennit import canonizers_for, registered
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))

@@ -11,9 +11,9 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from harness.meta import ModelMeta, attach_meta
+from harness.base.meta import ModelMeta, attach_meta
 from methods import METHODS
-from methods._common import noise_sigma
+from methods.common import noise_sigma
 
 # Small overrides that keep the table fast; a method not listed runs with its defaults.
 FAST: dict[str, dict] = {
@@ -168,12 +168,12 @@ def drop_last_row_of_chunks(fn, rows, targets, internal_batch_size):
 @pytest.mark.parametrize("bug", [repeat_row_at_boundaries, drop_last_row_of_chunks])
 def test_chunking_bug_is_caught(bug, tiny_model, tiny_batch, monkeypatch):
     """The tolerance above still fails a chunk boundary that repeats or drops a row."""
-    import methods._common
+    import methods.common
 
     x, target = tiny_batch
     model, x = tiny_model.double(), x.double()
     out = run("gradient", model, x, target)
-    monkeypatch.setattr(methods._common, "map_chunks", bug)
+    monkeypatch.setattr(methods.common, "map_chunks", bug)
     with pytest.raises(AssertionError):
         assert_same_map(run("gradient", model, x, target, internal_batch_size=2), out)
 
@@ -391,7 +391,7 @@ def test_guided_backprop_inplace_relu_equals_non_inplace(timm_resnet18):
 # --- shared pieces: computed once, equal to separate computation ------------------------------
 
 def test_shared_pieces_compute_once_and_equal(tiny_model, tiny_batch):
-    from methods._common import shared_pieces
+    from methods.common import shared_pieces
 
     x, target = tiny_batch
     calls = []

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from methods import METHODS
-from methods.igos import (IgosProblem, bilateral_weights, blurred_baseline, igos_pp_masks,
-                          upsample)
+from methods.igos import IgosProblem, bilateral_weights, blurred_baseline, igos_pp_masks, upsample
 from methods.path_methods import gaussian_blur
 
 
@@ -196,8 +195,8 @@ def test_blurred_baseline_equals_cv2():
 def test_igos_pp_deletion_beats_random_on_imagenet():
     """Deleting (blurring) the top 10% pixels of the iGOS++ map lowers the probability of the
     predicted class more than deleting a random 10%, for most photos (efficientnet_lite0)."""
+    from harness.base.meta import model_meta
     from harness.data import DATASETS
-    from harness.meta import model_meta
     from harness.zoo import MODELS
 
     model = MODELS["efficientnet_lite0"]()

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from checks import CHECKS
-from harness.context import CheckContext, MetricSpec
+from harness.base.context import CheckContext, MetricSpec
+from harness.base.meta import model_meta
 from harness.data import DATASETS
-from harness.meta import model_meta
 from harness.zoo import MODELS
 from methods import METHODS
-from methods._common import target_logits
 from methods.cgi import class_gradient_chunks, competing_classes
+from methods.common import target_logits
 from methods.rectgrad import row_percentile
 from metrics import METRICS
 
@@ -108,8 +108,7 @@ def zennit_reference(model: nn.Module, x: Tensor, target: Tensor, composite) -> 
 
 
 def zennit_composites(canonizers=None) -> dict:
-    from zennit.composites import (EpsilonAlpha2Beta1, EpsilonPlus, LayerMapComposite,
-                                   layer_map_base)
+    from zennit.composites import EpsilonAlpha2Beta1, EpsilonPlus, LayerMapComposite, layer_map_base
     from zennit.rules import AlphaBeta, Epsilon
     from zennit.types import Convolution
 
@@ -169,7 +168,7 @@ def test_lrp_epsilon_conserves_relevance_without_bias(tiny_model, tiny_batch):
 def test_lrp_conservation_needs_the_residual_canonizers(arch, request, monkeypatch):
     """On bias-free timm models (efficientnet_lite0's skip blocks, ResNet's BasicBlock) the
     epsilon relevance sums to the logit within 1e-3; without the Sum canonizers it does not."""
-    import methods._lrp as lrp  # the zennit side of methods.lrp
+    import methods.lrp_zennit as lrp  # the zennit side of methods.lrp
 
     model = zero_biases(copy.deepcopy(request.getfixturevalue(arch)))  # BN at init: no bias
     x, target = small_images()
@@ -188,7 +187,7 @@ def test_canonization_is_exact_and_undone(arch, request):
     skips), every skip join gets a Sum, the logits stay the same, the model is restored."""
     from zennit.core import Composite
 
-    import methods._lrp as lrp  # the zennit side of methods.lrp
+    import methods.lrp_zennit as lrp  # the zennit side of methods.lrp
 
     model = randomize_batchnorms(copy.deepcopy(request.getfixturevalue(arch)))
     x, _ = small_images(2)

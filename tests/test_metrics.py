@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from skimage.feature import hog as sk_hog
 from skimage.metrics import structural_similarity
 
-import metrics._parallel as parallel_mod
 import metrics.normalize as normalize_mod
+import metrics.parallel as parallel_mod
 import metrics.similarity as similarity_mod
 from metrics import METRICS, NORMALIZATIONS
 from metrics.normalize import is_constant, percentile
@@ -355,7 +355,7 @@ def test_threads_keep_their_setting():
 
 def test_caller_thread_count_is_never_toggled(monkeypatch):
     """Metrics and normalizations never call ``torch.set_num_threads`` on the caller's thread:
-    toggling it costs the model's next forward+backward about 100 ms (see _parallel)."""
+    toggling it costs the model's next forward+backward about 100 ms (see metrics.parallel)."""
     import threading
 
     parallel_mod._pool(), parallel_mod._driver()  # pools built (their one-time setting done)

@@ -17,12 +17,11 @@ from omegaconf import OmegaConf
 
 import harness.train
 from checks import CHECKS
-from harness.context import CheckContext, MapRecord, MetricSpec
+from harness.base.context import CheckContext, MapRecord, MetricSpec
+from harness.base.meta import model_meta
 from harness.data import DATASETS, FASHION_DEBIAN, Dataset, read_idx
-from harness.meta import model_meta
 from harness.run import build_trainer, fit_metric
-from harness.train import (Trainer, TrainSettings, fit, normalize_labels, permuted_labels,
-                           state_hash)
+from harness.train import Trainer, TrainSettings, fit, normalize_labels, permuted_labels, state_hash
 from harness.zoo import MODELS
 from methods import METHODS
 from metrics import METRICS

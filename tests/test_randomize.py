@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from harness.randomize import (INITS, execution_order, ordered, randomize_, restored, snapshot,
-                               stage_seed, stages)
+from harness.base.randomize import (
+    INITS,
+    execution_order,
+    ordered,
+    randomize_,
+    restored,
+    snapshot,
+    stage_seed,
+    stages,
+)
 from harness.zoo import MODELS
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from harness.base.meta import block_modules, fallback_meta, gradcam_layer, model_meta
 from harness.data import DATASETS
-from harness.meta import block_modules, fallback_meta, gradcam_layer, model_meta
 from harness.zoo import MODELS
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.randomize import first_calls, restore_, snapshot
+from harness.base.randomize import first_calls, restore_, snapshot
 
 SUPPORTED = (nn.Conv2d, nn.Linear)
 

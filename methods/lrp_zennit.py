@@ -19,7 +19,7 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import BatchNorm, Convolution
 from zennit.types import Linear as LinearLayer
 
-from methods._common import forward_hooks, map_chunks
+from methods.common import forward_hooks, map_chunks
 
 CompositeFactory = Callable[[list[Canonizer]], Composite]
 STABILIZER = 1e-6  # zennit's default stabilizer of the rules other than epsilon

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.context import CheckContext, MapRecord
-from methods._common import shared_pieces
+from harness.base.context import CheckContext, MapRecord
+from methods.common import shared_pieces
 from metrics import NORMALIZATIONS
 from metrics.normalize import is_constant
 

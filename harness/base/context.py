@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from harness.data import Dataset
+from harness.base.dataset import Dataset
 
 Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # hparams bound
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from harness.meta import block_modules, model_meta
+from harness.base.meta import block_modules, model_meta
 
 INITS = ("default", "normal", "permute")
 NORMAL_STD = 0.01  # truncated normal, as in the paper's re-initialization of Inception-v3
