@@ -59,6 +59,8 @@ say "2. non-editable install into $TMP/env (dependencies: $VENV)"
 ENV_SITE=$("$TMP/env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 "$PY" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])' \
     | sort -u > "$ENV_SITE/sanity-harness-deps.pth"
+# pip sees .venv's (editable) sanity-harness through the .pth line and leaves it alone
+# ("outside environment"); the env's own copy comes first on sys.path.
 "$VENV/bin/pip" --python "$TMP/env/bin/python" install --quiet --no-deps --no-index \
     "$TMP"/dist/*.whl
 snapshot() { (cd "$ENV_SITE" && find harness methods checks metrics -name __pycache__ -prune \
@@ -82,6 +84,7 @@ grep -q "tiny_cnn" "$TMP/list.txt" && grep -q "adebayo2018_cascading" "$TMP/list
 "${INSTALLED[@]}" "${CHECK[@]}" > "$TMP/run.log" 2>&1 || { cat "$TMP/run.log" >&2; exit 1; }
 "${INSTALLED[@]}" figures results/runs/* > "$TMP/figures.txt"
 grep -q "^$TMP/work/results/runs/.*\.png$\|^results/runs/.*\.png$" "$TMP/figures.txt"
+[ "$(ls -A "$TMP/work")" = results ] || { echo "wheel-test: wrote $(ls -A) into the cwd" >&2; exit 1; }
 snapshot > "$TMP/installed.after"
 diff "$TMP/installed.before" "$TMP/installed.after" \
     || { echo "wheel-test: the run wrote into the installed package" >&2; exit 1; }
