@@ -84,7 +84,8 @@ grep -q "tiny_cnn" "$TMP/list.txt" && grep -q "adebayo2018_cascading" "$TMP/list
 "${INSTALLED[@]}" "${CHECK[@]}" > "$TMP/run.log" 2>&1 || { cat "$TMP/run.log" >&2; exit 1; }
 "${INSTALLED[@]}" figures results/runs/* > "$TMP/figures.txt"
 grep -q "^$TMP/work/results/runs/.*\.png$\|^results/runs/.*\.png$" "$TMP/figures.txt"
-[ "$(ls -A "$TMP/work")" = results ] || { echo "wheel-test: wrote $(ls -A) into the cwd" >&2; exit 1; }
+[ "$(ls -A "$TMP/work")" = results ] \
+    || { echo "wheel-test: the cwd holds $(ls -A), not only results/" >&2; exit 1; }
 snapshot > "$TMP/installed.after"
 diff "$TMP/installed.before" "$TMP/installed.after" \
     || { echo "wheel-test: the run wrote into the installed package" >&2; exit 1; }

@@ -31,7 +31,7 @@ def git_sha() -> str:
     """HEAD of the clone the package runs from; "" for an installed package (or without git)."""
     try:
         done = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=SOURCE_ROOT,
-                              capture_output=True, text=True, timeout=5)
+                              capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return ""
     lines = done.stdout.split()
@@ -44,7 +44,7 @@ def _uncommitted() -> bool:
     """Whether tracked files of the clone differ from HEAD."""
     try:
         return subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=SOURCE_ROOT,
-                              capture_output=True, timeout=5).returncode == 1
+                              capture_output=True, timeout=5, check=False).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return False
 
