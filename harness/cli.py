@@ -2,7 +2,14 @@
 
 Before Hydra starts, the command line is checked (registry names against ``conf/``, the output
 dir for writability), so a typo fails in one line (Hydra's own message spans many lines).
-``sanity list`` (also ``sanity-list``) lists what can be chosen.
+``sanity list`` (also ``sanity-list``) lists what can be chosen; ``sanity figures`` and
+``sanity collect`` are ``sanity-figures`` and ``sanity-collect``; ``sanity --version``.
+
+The configs are the repository's top-level ``conf/``, installed as package data in
+``harness/conf`` (pyproject.toml): :data:`CONF_DIR` is that folder after a normal install and the
+clone's ``conf/`` when the package runs from a clone. Outputs go under the current directory
+(``results/``, or ``hydra.run.dir``), caches under ``cache_dir``; nothing is written into the
+installed package.
 
 Run dirs are deterministic so that rerunning a command resumes it: a single run's dir is named by
 the ``sanity_digest`` resolver (a digest of the resolved config), a sweep's dir by a digest of
@@ -19,7 +26,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _conf_dir() -> Path:
+    """``harness/conf`` of an installed package, else the top-level ``conf/`` of the clone."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 CHOICE_GROUPS = ("model", "dataset", "method", "check", "metric", "experiment", "input_bias_task")
 _OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>[a-z_]+)=(?P<value>.*)$")
 SWEEPS_DIR = "results/sweeps"
@@ -137,6 +152,15 @@ def main() -> None:
     if argv[:1] == ["list"]:
         list_main()
         return
+    if argv[:1] == ["--version"]:
+        from harness.version import version_line
+
+        print(version_line())
+        return
+    if argv[:1] in (["figures"], ["collect"]):  # the same as sanity-figures, sanity-collect
+        from harness import collect, figures
+
+        sys.exit((figures if argv[0] == "figures" else collect).main(argv[1:]))
     try:
         validate_overrides(argv)
         check_writable(argv)

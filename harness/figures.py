@@ -606,3 +606,32 @@ def _style():
     """Paper style for figure building and saving, without touching the global rcParams."""
     with matplotlib.rc_context(_STYLE):
         yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sanity figures RUN_DIR|SWEEP_DIR ...`` (also ``sanity-figures``, ``scripts/figures.py``):
+    regenerate the figures of run dirs (a sweep dir stands for all its job dirs) and print the
+    path of every file written. Exit status 1 when a given path is not a directory."""
+    import argparse
+    import sys
+
+    from harness.collect import run_dirs
+
+    parser = argparse.ArgumentParser(
+        prog="sanity figures", description="Regenerate the paper figures of run directories "
+        "from their tables and maps (no training).")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="RUN_DIR|SWEEP_DIR")
+    args = parser.parse_args(argv)
+    status = 0
+    for given in args.dirs:
+        if not given.is_dir():
+            print(f"error: {given} is not a directory", file=sys.stderr)
+            status = 1
+            continue
+        for run_dir in run_dirs(given) or [given]:
+            paths = make_figures(run_dir)
+            if not paths:
+                print(f"{run_dir}: nothing to plot (no rows/ and no maps/)", file=sys.stderr)
+            for path in paths:
+                print(path)
+    return status

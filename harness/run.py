@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import platform
-import subprocess
 import time
 from dataclasses import replace
 from functools import partial
@@ -276,11 +275,9 @@ def _run_record(cfg: DictConfig, names: dict, run_id: str, device, data: Dataset
 
 
 def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    from harness.version import git_sha  # the harness's own clone only, never an outer repo
+
+    return git_sha()
 
 
 def _versions() -> dict[str, str]:

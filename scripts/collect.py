@@ -2,8 +2,8 @@
 
     python scripts/collect.py SWEEP_DIR [--out FILE.parquet]
 
-The same as the ``sanity-collect`` console script (:mod:`harness.collect`). Exit status 1 when a
-job is missing, failed or unfinished.
+The same as ``sanity collect`` and the ``sanity-collect`` console script (:mod:`harness.collect`).
+Exit status 1 when a job is missing, failed or unfinished.
 """
 from __future__ import annotations
 
