@@ -1,14 +1,11 @@
 """Sanity checks. ``CHECKS[name](ctx: CheckContext, **check_cfg) -> Iterator[dict | MapRecord]``.
 
-A check is a generator of tidy rows (dicts, see results/README.md) and map records; it does
-no file I/O: the runner writes.
+A check is one module: a generator of tidy rows (dicts, see results/README.md) and map records
+that does no file I/O (the runner writes), registered with what it declares about itself
+(:class:`harness.base.context.CheckFacts`: its extra columns, its unit of work for resume, its
+end-of-run summary and its figures, which may live in a module ``checks/<name>_figures.py``).
 """
-from harness.base.registry import Registry
+from checks import input_bias, model_randomization, random_labels  # noqa: F401  (fill it)
+from checks.registry import CHECKS
 
-CHECKS = Registry("check")
-
-from checks import (  # noqa: E402,F401  (fill the registry)
-    input_bias,
-    model_randomization,
-    random_labels,
-)
+__all__ = ["CHECKS"]

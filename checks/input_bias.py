@@ -45,9 +45,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from checks import CHECKS
+from checks.registry import CHECKS
 from checks.compensation import compensated
+from checks.input_bias_figures import bias_figure
+from checks.plotting import grid_figures, similarity_figure
 from checks.scoring import explain_all, map_record, method_hparams, score
+from checks.summary import measurement_summary, similarity_summary
 from harness.base.context import CheckContext, MapRecord
 from harness.base.randomize import restored
 from metrics import METRICS
@@ -90,7 +93,21 @@ class Reference:
     intensity: bool  # the intensity probe is on
 
 
-@CHECKS.register
+COLUMNS = {"probe": "", "delta": math.nan, "encoding": "", "alpha": "", "beta": "",
+           "first_layer": "", "compensation": COMPENSATION, "border_correction": math.nan,
+           "tolerance": math.nan, "polarity": "", "object_fraction": math.nan}
+BIAS_METRICS = ("intensity_correlation", "zero_point_correlation", "dark_mass_ratio",
+                "mass_in_object")
+
+
+def summary(rows) -> str:
+    """The similarity of the shifted / rescaled maps, then the bias of the original maps."""
+    bias = measurement_summary(rows[rows["stage_index"] == 0], BIAS_METRICS)
+    return "\n\n".join(t for t in (similarity_summary(rows), bias) if t)
+
+
+@CHECKS.register(title="Input bias (compensated shift / rescaling)", columns=COLUMNS,
+                 summary=summary, figures=(similarity_figure, grid_figures, bias_figure))
 def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
                deltas: list[float] | tuple[float, ...] = (-0.5, -0.25, 0.25, 0.5),
                encodings: list[str] | tuple[str, ...] = ("unit", "signed", "imagenet"),
@@ -101,35 +118,26 @@ def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
     _validate(probes, encodings, target, dark_fraction)
     changes = _plan(ctx, probes, deltas, encodings)
     x = ctx.data.inputs
+    # a resumed run explains only the methods with a unit left to do
+    todo = [ctx.pending(index) for index in range(len(changes) + 1)]
+    needed = {m: ctx.methods[m] for m in set().union(*(stage.methods for stage in todo))}
     with restored(ctx.model):
         logits = _logits(ctx, x)
         explained = logits.argmax(1) if target == "fixed" else ctx.data.labels.to(x.device)
         ref = Reference(logits=logits, target=explained,
-                        maps=explain_all(ctx, explained, {MASS: _mass}),
-                        base={**ROW_DEFAULTS, "check": "input_bias", "probe": "original",
+                        maps=explain_all(replace(ctx, methods=needed), explained,
+                                         {MASS: _mass}) if needed else {},
+                        base={"check": "input_bias", "probe": "original",
                               "tolerance": float(tolerance)},
                         tolerance=float(tolerance), dark_fraction=dark_fraction,
                         intensity="intensity" in probes)
         yield from _maps(ctx, ref.maps, "original", 0)
         if ref.intensity:
-            yield from grouped_by_method(intensity_rows(
-                ctx, ref.maps, x, {**ref.base, "stage": "original", "stage_index": 0},
-                explained, dark_fraction))
+            yield from intensity_rows(
+                todo[0], {m: ref.maps[m] for m in todo[0].methods}, x,
+                {**ref.base, "stage": "original", "stage_index": 0}, explained, dark_fraction)
         for index, change in enumerate(changes, start=1):
-            yield from grouped_by_method(_changed_input(ctx, change, index, ref))
-
-
-def grouped_by_method(items: Iterator[dict | MapRecord]) -> Iterator[dict | MapRecord]:
-    """A stage's items with each method's rows together (the store writes one part per
-    check x stage x method); map records pass first, rows keep their order within a method."""
-    rows: dict[str, list[dict]] = {}
-    for item in items:
-        if isinstance(item, dict):
-            rows.setdefault(item.get("method", ""), []).append(item)
-        else:
-            yield item
-    for method_rows in rows.values():
-        yield from method_rows
+            yield from _changed_input(todo[index], change, index, ref)
 
 
 def _changed_input(ctx: CheckContext, change: InputChange, index: int,
@@ -142,26 +150,23 @@ def _changed_input(ctx: CheckContext, change: InputChange, index: int,
                 "stage_index": index, "first_layer": done.layer,
                 "border_correction": done.border}
         logit_change = float((_logits(ctx, shifted) - ref.logits).abs().max())
-        yield {**base, "method": "", "sample": -1, "target": -1,
-               "metric": "max_logit_change", "value": logit_change}
         if not logit_change <= ref.tolerance:
             raise CompensationError(
                 f"input_bias {change.stage}: the compensated model's logits changed by "
                 f"{logit_change:.3g} > check.tolerance={ref.tolerance:g} (first layer "
                 f"{done.layer}, {done.kind})")
         maps = explain_all(replace(ctx, data=replace(ctx.data, inputs=shifted)), ref.target,
-                           {MASS: _mass})
-    for method, reference in ref.maps.items():
-        yield from score(ctx, maps[method], reference, {**base, "method": method}, ref.target)
+                           {MASS: _mass}) if ctx.methods else {}
+    # rows leave the check only once the model is restored (a consumer may stop at any row)
+    if not ctx.finished(index, ""):
+        yield {**base, "method": "", "sample": -1, "target": -1, "metric": "max_logit_change",
+               "value": logit_change}
+    for method, stage_maps in maps.items():
+        yield from score(ctx, stage_maps, ref.maps[method], {**base, "method": method},
+                         ref.target)
     yield from _maps(ctx, maps, change.stage, index)
     if ref.intensity:
         yield from intensity_rows(ctx, maps, shifted, base, ref.target, ref.dark_fraction)
-
-
-ROW_DEFAULTS = {"probe": "", "delta": math.nan, "encoding": "", "alpha": "", "beta": "",
-                "first_layer": "", "compensation": COMPENSATION, "border_correction": math.nan,
-                "tolerance": math.nan, "polarity": "", "object_fraction": math.nan,
-                "normalization": "", "reason": "", "method_hparams": "{}"}
 
 
 def _validate(probes, encodings, target: str, dark_fraction: float) -> None:

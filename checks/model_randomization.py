@@ -17,15 +17,18 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from checks import CHECKS
+from checks.registry import CHECKS
+from checks.plotting import grid_figures, similarity_figure
 from checks.scoring import explain_all, map_record, predict, score_stage
 from harness.base.context import CheckContext, MapRecord
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
 TARGETS = ("fixed", "argmax")
+COLUMNS = {"order": "", "granularity": "", "init": "", "target_policy": ""}  # the knobs
+FIGURES = (similarity_figure, grid_figures)  # Figures 4 and 2 of the paper
 
 
-@CHECKS.register
+@CHECKS.register(title="Cascading randomization", columns=COLUMNS, figures=FIGURES)
 def cascading(ctx: CheckContext, order: str = "top_down", granularity: str = "block",
               init: str = "default", target: str = "fixed", batchnorm_stats: bool = False,
               **_) -> Iterator[dict | MapRecord]:
@@ -34,7 +37,7 @@ def cascading(ctx: CheckContext, order: str = "top_down", granularity: str = "bl
                                    batchnorm_stats)
 
 
-@CHECKS.register
+@CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES)
 def independent(ctx: CheckContext, order: str = "top_down", granularity: str = "block",
                 init: str = "default", target: str = "fixed", batchnorm_stats: bool = False,
                 **_) -> Iterator[dict | MapRecord]:
@@ -54,7 +57,7 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
     with restored(ctx.model) as saved:
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
         # a resumed run explains the original model only for methods with a unit left to do
-        todo = [ctx.pending(check, index) for index in range(len(plan) + 1)]
+        todo = [ctx.pending(index) for index in range(len(plan) + 1)]
         needed = set().union(*(stage.methods for stage in todo))
         references = explain_all(replace(ctx, methods={m: ctx.methods[m] for m in needed}),
                                  explained) if needed else {}

@@ -25,15 +25,26 @@ from dataclasses import replace
 
 import torch
 
-from checks import CHECKS
+from checks.registry import CHECKS
+from checks.random_labels_figures import ACCURACY_METRICS, bar_figure, grid_figure
 from checks.scoring import explain_all, map_record, predict, score_stage
+from checks.summary import measurement_summary, similarity_summary
 from harness.base.context import CheckContext, MapRecord, TrainedModel
 
 TARGETS = ("label", "fixed", "argmax")
 STAGES = ("true_labels", "random_labels")
 
 
-@CHECKS.register
+def summary(rows) -> str:
+    """Both models' accuracies, then the similarity of their maps."""
+    accuracies = measurement_summary(rows, ACCURACY_METRICS, index="stage", digits=4)
+    return "\n\n".join(t for t in (accuracies, similarity_summary(rows)) if t)
+
+
+@CHECKS.register(title="Data randomization (random labels)",
+                 columns={"target_policy": "", "n_images": -1, "epochs": -1},
+                 per_model_metrics=ACCURACY_METRICS, trains_models=True, summary=summary,
+                 figures=(bar_figure, grid_figure))
 def random_labels(ctx: CheckContext, target: str = "label", **_) -> Iterator[dict | MapRecord]:
     """Maps of the true-label model versus the random-label model on the test inputs.
 
@@ -48,11 +59,12 @@ def random_labels(ctx: CheckContext, target: str = "label", **_) -> Iterator[dic
     models = [ctx.train("true"), ctx.train("random")]
     knobs = {"check": "random_labels", "target_policy": target}
     for index, trained in enumerate(models):
-        yield from _accuracy_rows(trained, knobs, STAGES[index], index)
+        if not ctx.finished(index, ""):
+            yield from _accuracy_rows(trained, knobs, STAGES[index], index)
 
-    # a resumed run explains only the methods with a unit left to do (the store drops the
-    # accuracy rows it already holds; the models come from the checkpoint cache)
-    todo = [ctx.pending("random_labels", index) for index in range(len(STAGES))]
+    # a resumed run explains only the methods with a unit left to do (the models come from
+    # the checkpoint cache)
+    todo = [ctx.pending(index) for index in range(len(STAGES))]
     needed = {m: ctx.methods[m] for m in set().union(*(stage.methods for stage in todo))}
     if not needed:
         return
@@ -82,5 +94,3 @@ def _accuracy_rows(trained: TrainedModel, knobs: dict, stage: str,
                "target": -1, "metric": metric, "value": float(value), "normalization": "",
                "reason": "", "n_images": int(count), "epochs": int(trained.epochs)}
 
-
-random_labels.trains_models = True  # the runner fills ctx.train and explains the test split

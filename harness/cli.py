@@ -190,7 +190,7 @@ def report_failed_jobs(argv: list[str]) -> int:
 def descriptions() -> dict[str, dict[str, str]]:
     """Every choice of every group with its one-line description: the first docstring line of
     registry entries, the description comment of experiment presets."""
-    from harness.run import registries
+    from harness.plan import registries
 
     table = {group: {name: _first_line(fn.__doc__) for name, fn in sorted(registry.items())}
              for group, registry in registries().items()}

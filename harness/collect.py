@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from checks import CHECKS
 from harness.store import CLAIM, FAILED, ROWS, read_rows, write_table
 
 PER_MODEL = ("run_id", "shard", "num_shards", "job")  # columns that differ between the shards
@@ -76,8 +77,9 @@ def expected_jobs(sweep_dir: Path) -> int | None:
 
 def collect(sweep_dir: Path | str) -> tuple[pd.DataFrame, SweepReport]:
     """One table of every finished part of every job (column ``job``: the job dir's name), and
-    the report. Rows that do not depend on the inputs (``sample`` < 0, e.g. the accuracies of
-    trained models) come once per model, not once per shard."""
+    the report. Rows that describe a model rather than an input (the metrics a check declares
+    ``per_model_metrics``, e.g. the accuracies of trained models) come once per model, not once
+    per shard."""
     sweep_dir = Path(sweep_dir)
     jobs = run_dirs(sweep_dir)
     report = SweepReport(expected=expected_jobs(sweep_dir))
@@ -103,9 +105,15 @@ def _classify(job: Path, report: SweepReport) -> None:
 
 
 def _once_per_model(table: pd.DataFrame) -> pd.DataFrame:
-    if table.empty or "sample" not in table:
+    """Rows of the metrics a check declares per model (``CheckFacts.per_model_metrics``, e.g.
+    the accuracies of trained models) once per model; every shard computed them alike."""
+    if table.empty or "check" not in table:
         return table
-    shared = table["sample"] < 0
+    shared = pd.Series(False, index=table.index)
+    for check in table["check"].unique():
+        if check in CHECKS:
+            per_model = CHECKS.facts(check).per_model_metrics
+            shared |= table["check"].eq(check) & table["metric"].isin(per_model)
     keys = [c for c in table.columns if c not in PER_MODEL]
     once = table[shared].drop_duplicates(subset=keys)
     return pd.concat([once, table[~shared]]).sort_index().reset_index(drop=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.base.context import MapRecord
+from harness.base.context import REQUIRED_COLUMNS, CheckFacts, MapRecord
 from harness.data import Dataset
 
 if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits
@@ -33,74 +33,101 @@ def _atomic(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-PartKey = tuple[str, int, str]  # (check, stage_index, method): one finished unit of work
+Unit = tuple  # (check, *values of the check's unit columns): one finished unit of work
 
 
-def part_name(key: PartKey) -> str:
-    """File name of a unit's rows; registry names hold no '-', so the name parses back."""
-    check, stage_index, method = key
-    return f"part-{check}-{stage_index:03d}-{method or '_'}.parquet"
+def part_name(unit: Unit) -> str:
+    """File name of a unit's rows, e.g. ``part-cascading-003-gradient.parquet``: integers with
+    three digits (so names sort in stage order), an empty value as ``_``."""
+    return "part-" + "-".join(f"{v:03d}" if isinstance(v, int) else (str(v) or "_")
+                              for v in unit) + ".parquet"
 
 
-def finished_parts(run_dir: Path | str) -> frozenset[PartKey]:
-    """The units whose rows a run directory already holds (renamed into place, so whole)."""
-    keys = set()
-    for path in (Path(run_dir) / ROWS).glob("part-*-*-*.parquet"):
-        check, index, method = path.name[len("part-"):-len(".parquet")].split("-", 2)
-        keys.add((check, int(index), "" if method == "_" else method))
-    return frozenset(keys)
+def finished_parts(run_dir: Path | str) -> frozenset[str]:
+    """The names of the parts a run directory holds (renamed into place, so whole)."""
+    return frozenset(p.name for p in (Path(run_dir) / ROWS).glob("part-*.parquet"))
 
 
 class RunStore:
-    """Writes rows as parquet parts under ``run_dir/rows/``, one part per finished unit of work
-    (check x stage x method), named after the unit. Rows of a unit already on disk (a resumed
-    run) are dropped, so a unit is never written twice and an interrupted run keeps what it
-    finished."""
+    """Writes rows as parquet parts under ``run_dir/rows/``, one part per unit of work, the
+    unit being the check's declared ``unit`` columns (``CheckFacts.unit``, by default stage x
+    method). The only place that knows what is finished: a check asks :meth:`finished` to skip
+    finished units; rows of a finished unit are a check's bug and raise.
 
-    def __init__(self, run_dir: Path, common: dict):
+    Rows are completed with the check's declared columns (so every part has one schema) and
+    may carry no other. A unit's rows are buffered until the check moves to another value of
+    the unit's first column (the next stage) or ends, so within a stage they may come in any
+    order; an interrupted run keeps every stage it finished.
+    """
+
+    def __init__(self, run_dir: Path, common: dict, facts: CheckFacts = CheckFacts()):
         self.run_dir = Path(run_dir)
         self.common = common  # columns shared by every row (run_id, model, dataset, seed)
-        self.buffer: list[dict] = []
-        self.key: PartKey | None = None
+        self.facts = facts
+        self.defaults = facts.row_defaults()
+        self.allowed = set(REQUIRED_COLUMNS) | set(common) | set(self.defaults)
+        self.buffers: dict[Unit, list[dict]] = {}
+        self.current: object = None  # the value of the unit's first column being buffered
         (self.run_dir / ROWS).mkdir(parents=True, exist_ok=True)
         for stale in (self.run_dir / ROWS).glob(".*.tmp-*"):  # left by a killed writer
             stale.unlink()
         self.done = finished_parts(self.run_dir)  # kept from an earlier, interrupted run
-        self.written: set[PartKey] = set()
+        self.written: set[str] = set()
         self.rows_written = 0
 
     @property
     def parts(self) -> int:
         return len(self.written)
 
+    def finished(self, check: str, *values) -> bool:
+        """Is the unit ``(check, *values)`` stored, by an earlier run or this one?"""
+        name = part_name((check, *values))
+        return name in self.done or name in self.written
+
     def add(self, item: dict | MapRecord | None) -> None:
         if isinstance(item, MapRecord):
             self.write_maps(item)
         elif item is not None:
-            key = (str(item.get("check", "")), int(item.get("stage_index", 0)),
-                   str(item.get("method", "")))
-            if key != self.key:
+            unit = self.unit_of(item)
+            stage = unit[1] if len(unit) > 1 else None
+            if stage != self.current:
                 self.flush()
-                if key in self.written:
-                    raise RuntimeError(f"rows of part {part_name(key)} came in two runs of rows; "
-                                       "a check must yield a unit's rows together")
-                self.key = key
-            if key not in self.done:
-                self.buffer.append(item)
+                self.current = stage
+            if self.finished(*unit):
+                raise RuntimeError(f"the check yielded rows of {part_name(unit)}, which is "
+                                   "already stored: a check skips finished units "
+                                   "(ctx.pending / ctx.finished)")
+            self.buffers.setdefault(unit, []).append(item)
+
+    def unit_of(self, row: dict) -> Unit:
+        extra = set(row) - self.allowed
+        if extra:
+            raise ValueError(f"check {row.get('check')!r} yielded undeclared columns "
+                             f"{', '.join(sorted(extra))}: declare them in its registration "
+                             "(@CHECKS.register(columns={...}))")
+        values = (row.get(c, self.defaults.get(c)) for c in self.facts.unit)
+        # unit columns hold integers (stage_index) or names (method)
+        return (str(row.get("check", "")), *(v if isinstance(v, str) else int(v) for v in values))
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
+        """Write every buffered unit as its part."""
         import pandas as pd
 
-        frame = pd.DataFrame([{**self.common, **row} for row in self.buffer])
-        path = self.run_dir / ROWS / part_name(self.key)
-        tmp = _atomic(path)
-        frame.to_parquet(tmp, index=False)
-        tmp.rename(path)
-        self.written.add(self.key)
-        self.rows_written += len(frame)
-        self.buffer.clear()
+        for unit, rows in self.buffers.items():
+            frame = pd.DataFrame([self.complete(row) for row in rows])
+            path = self.run_dir / ROWS / part_name(unit)
+            tmp = _atomic(path)
+            frame.to_parquet(tmp, index=False)
+            tmp.rename(path)
+            self.written.add(path.name)
+            self.rows_written += len(frame)
+        self.buffers.clear()
+
+    def complete(self, row: dict) -> dict:
+        """The row with the common columns first and every declared column it leaves out."""
+        full = {**self.common, **row}
+        full.update({k: v for k, v in self.defaults.items() if k not in full})
+        return full
 
     def write_maps(self, record: MapRecord) -> None:
         path = (self.run_dir / MAPS / record.check / record.method

@@ -41,7 +41,7 @@ def model():
 
 
 @pytest.mark.parametrize("check", [c for c in sorted(CHECKS)  # trainers: test_random_labels.py
-                                   if not getattr(CHECKS[c], "trains_models", False)
+                                   if not CHECKS.facts(c).trains_models
                                    and c != "input_bias"])  # input stages: test_input_bias.py
 def test_stage0_scores_one_and_model_restored(model, check):
     before = snapshot(model)
@@ -131,7 +131,8 @@ def test_store_writes_one_part_per_stage_and_method(model, tmp_path):
 
     from harness.store import RunStore, read_rows
 
-    store = RunStore(tmp_path, {"run_id": "r", "model": "tiny_cnn", "dataset": "digits", "seed": 0})
+    store = RunStore(tmp_path, {"run_id": "r", "model": "tiny_cnn", "dataset": "digits", "seed": 0},
+                     CHECKS.facts("cascading"))
     for item in CHECKS["cascading"](make_ctx(model, n=2, n_maps=1)):
         store.add(item)
     store.flush()

@@ -11,13 +11,8 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from harness.figures import (
-    curve_table,
-    make_figures,
-    method_style,
-    randomization_grid,
-    similarity_curves,
-)
+from checks.plotting import curve_table, method_style, randomization_grid, similarity_curves
+from harness.figures import make_figures
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["gradient", "smoothgrad"]
@@ -168,7 +163,7 @@ def test_grid_has_a_row_per_method_and_a_column_per_stage():
     top_titles = [fig.axes[i].texts[-1].get_text() for i in range(len(stages) + 1)]
     assert top_titles == ["input"] + stages
     row_labels = [fig.axes[r * (len(stages) + 1)].texts[0].get_text() for r in range(len(methods))]
-    assert row_labels == methods  # known methods in DESIGN order, unknown ones last
+    assert row_labels == methods  # registered methods in registry order, unknown ones last
     sobel_row = fig.axes[1 * (len(stages) + 1):2 * (len(stages) + 1)]
     assert [t.get_text() for t in sobel_row[4].texts] == ["n/a"]
     assert sobel_row[5].images[0].get_clim() == (0.0, 1.0)

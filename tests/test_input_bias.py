@@ -323,7 +323,7 @@ def test_store_and_figures(tmp_path, monkeypatch):
                    n_maps=0)  # map grids: the generic path, tested in test_figures.py
     ctx.metrics = ctx.metrics[:1]
     store = RunStore(tmp_path, {"run_id": "r", "model": "tiny_cnn", "dataset": "dark_object",
-                                "seed": 0})
+                                "seed": 0}, CHECKS.facts("input_bias"))
     for item in CHECKS["input_bias"](ctx, deltas=[0.5], encodings=["signed"]):
         store.add(item)
     store.flush()

@@ -20,6 +20,7 @@ from checks import CHECKS
 from harness.base.context import CheckContext, MapRecord, MetricSpec
 from harness.base.meta import model_meta
 from harness.data import DATASETS, FASHION_DEBIAN, Dataset, read_idx
+from harness.plan import RunPlan
 from harness.run import build_trainer, fit_metric
 from harness.train import Trainer, TrainSettings, fit, normalize_labels, permuted_labels, state_hash
 from harness.zoo import MODELS
@@ -368,9 +369,9 @@ def test_cli_run_writes_accuracies_metric_rows_and_figures(tmp_path):
 
 
 def test_dataset_without_splits_fails_in_one_line():
-    cfg = OmegaConf.create({"dataset": {"n": 2}, "model": {}, "train": {}, "seed": 0})
-    names = {"dataset": ["imagenet_samples"], "model": ["tiny_cnn"]}
+    plan = RunPlan(run_dir=Path("unused"), model="tiny_cnn", dataset="imagenet_samples",
+                   check="random_labels", dataset_kwargs={"n": 2})
     with pytest.raises(ValueError) as err:
-        build_trainer(cfg, names, None, torch.device("cpu"))
+        build_trainer(plan, None, torch.device("cpu"))
     assert str(err.value) == ("dataset imagenet_samples has no train/test split to train on; "
                               "use one of dark_object, digits, fashion_mnist, mnist")

@@ -66,7 +66,7 @@ def test_claims_resume_same_config_and_refuse_another(tmp_path):
     assert kept == 0
     (tmp_path / "rows").mkdir()
     (tmp_path / "rows" / "part-cascading-001-gradient.parquet").write_bytes(b"")
-    assert finished_parts(tmp_path) == {("cascading", 1, "gradient")}
+    assert finished_parts(tmp_path) == {"part-cascading-001-gradient.parquet"}
     assert claim_run_dir(tmp_path, "a" * 12, "true") == (run_id, 1)  # resumed, same id
     with pytest.raises(ValueError, match="different config"):
         claim_run_dir(tmp_path, "b" * 12, "auto")

@@ -1,13 +1,21 @@
-"""What a check receives from the runner and what it yields back (no file I/O in checks)."""
+"""What a check receives from the runner, what it yields back, and what it declares about
+itself (:class:`CheckFacts`, given at registration). No file I/O in checks: the runner writes.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from harness.base.dataset import Dataset
+
+if TYPE_CHECKING:  # pandas and matplotlib load only where tables and figures are made
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # hparams bound
 
@@ -48,13 +56,13 @@ class CheckContext:
     # labels ("true" | "random") -> the run's architecture trained on them (cached checkpoints);
     # filled by the runner for checks that train (``trains_models``), else None
     train: Callable[[str], TrainedModel] | None = None
-    # (check, stage_index, method) units already stored by an interrupted run: not recomputed
-    done: frozenset[tuple[str, int, str]] = frozenset()
+    # finished(stage_index, method): is that unit of work already stored (a resumed run)?
+    # The store answers; a check asks it to skip finished work, and yields no rows for it.
+    finished: Callable[[int, str], bool] = lambda stage_index, method: False
 
-    def pending(self, check: str, stage_index: int) -> CheckContext:
-        """This context with only the methods whose unit at ``stage_index`` is not done."""
-        methods = {m: fn for m, fn in self.methods.items()
-                   if (check, stage_index, m) not in self.done}
+    def pending(self, stage_index: int) -> CheckContext:
+        """This context with only the methods whose unit at ``stage_index`` is not finished."""
+        methods = {m: fn for m, fn in self.methods.items() if not self.finished(stage_index, m)}
         return replace(self, methods=methods)
 
 
@@ -68,3 +76,77 @@ class MapRecord:
     stage_index: int
     samples: torch.Tensor  # (K,)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # normalization -> (K, H, W)
+
+
+# The columns every row has (results/README.md): the tidy table's required columns, filled by
+# the runner (run_id, model, dataset, seed) or by the check, and the scoring columns of
+# :func:`checks.scoring.score`, with the value a row that lacks one gets.
+REQUIRED_COLUMNS = ("run_id", "model", "dataset", "method", "check", "stage", "stage_index",
+                    "sample", "target", "metric", "value", "seed")
+STANDARD_COLUMNS: dict[str, Any] = {"method": "", "normalization": "", "reason": "",
+                                    "method_hparams": "{}"}
+
+
+@dataclass
+class FigureData:
+    """What a check's figure functions draw from, read from a run dir by the runner.
+
+    ``maps``: method -> (K, S, H, W) float32 maps of the first K saved ``samples`` at the S
+    stages ``stage_names`` (stage_index order); NaN where a method lacks a stage or a sample.
+    ``images``: the K display images (H, W, C) in [0, 1] (None when not saved), ``labels``
+    a caption suffix per sample such as `` (tabby cat)``.
+    """
+
+    check: str
+    title: str  # the check's title with model and dataset, for figure titles
+    heading: str  # the check's title alone
+    rows: pd.DataFrame  # the check's rows
+    stage_names: list[str] = field(default_factory=list)
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    images: list[np.ndarray | None] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    normalization: str = "absolute"
+
+
+FigureFn = Callable[[FigureData], Iterator[tuple[str, "Figure"]]]  # yields (file stem, figure)
+SummaryFn = Callable[["pd.DataFrame"], str]
+
+
+@dataclass(frozen=True)
+class CheckFacts:
+    """What a check declares at registration: ``@CHECKS.register(columns=..., figures=...)``.
+
+    The runner, store, collector and figure driver read these and name no check.
+    """
+
+    title: str = ""  # for figures and the summary, e.g. "Cascading randomization"
+    # extra columns of its rows -> the value of a row that does not set it (one schema per part)
+    columns: Mapping[str, Any] = field(default_factory=dict)
+    # the row columns (after ``check``) naming one unit of work: one parquet part, resumed whole
+    unit: tuple[str, ...] = ("stage_index", "method")
+    # metrics whose rows describe a model, not an input (sample -1): the collect step keeps
+    # them once per model instead of once per shard
+    per_model_metrics: tuple[str, ...] = ()
+    trains_models: bool = False  # the runner fills ctx.train and explains the test split
+    summary: SummaryFn | None = None  # the end-of-run text; None: the similarity summary
+    figures: tuple[FigureFn, ...] = ()
+
+    def row_defaults(self) -> dict[str, Any]:
+        return {**STANDARD_COLUMNS, **self.columns}
+
+
+def check_check_facts(name: str, fn: Callable, facts: CheckFacts) -> None:
+    """Registration check of a check (run at import): its unit names row columns it has."""
+    from harness.base.registry import RegistrationError
+
+    known = set(REQUIRED_COLUMNS) | set(facts.row_defaults())
+    unknown = [c for c in facts.unit if c not in known]
+    if unknown:
+        raise RegistrationError(f"check {name!r}: unit column {', '.join(unknown)} is neither a "
+                                "required column nor one of its declared columns")
+    if not all(callable(f) for f in facts.figures) or (
+            facts.summary is not None and not callable(facts.summary)):
+        raise RegistrationError(f"check {name!r}: figures and summary must be functions")
+
+

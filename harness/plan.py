@@ -1,0 +1,146 @@
+"""The run plan: a composed Hydra config decoded into plain, typed, validated values.
+
+Everything that can be checked without compute is checked here (registry names, method
+hyperparameters against their signatures and declared ranges, metric normalizations, the shard,
+the device, ``resume``), so a wrong config fails in one line before a model is loaded. The raw
+config goes no further than :func:`make_plan`: the runner's functions take the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from checks import CHECKS
+from harness.data import DATASETS
+from harness.store import config_digest
+from harness.train import DEFAULT_CACHE_DIR, normalize_labels
+from harness.validate import check_hparams, check_shard
+from harness.zoo import MODELS
+from methods import METHODS
+from metrics import METRICS, NORMALIZATIONS
+
+GROUPS = ("model", "dataset", "method", "check", "metric")
+DEVICES = ("auto", "cpu", "cuda")
+RESUME = ("auto", "true", "false")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run of one (model, dataset, check) with its methods and metrics."""
+
+    run_dir: Path
+    model: str  # registry names
+    dataset: str
+    check: str
+    methods: dict[str, dict] = field(default_factory=dict)  # name -> its hyperparameters
+    metrics: dict[str, dict] = field(default_factory=dict)  # name -> its settings
+    normalizations: dict[str, str] = field(default_factory=dict)  # metric -> normalization
+    model_kwargs: dict = field(default_factory=dict)
+    model_label: str = ""  # what rows and messages call the model (model.name, else its key)
+    dataset_kwargs: dict = field(default_factory=dict)  # without shard / num_shards
+    shard: int = 0
+    num_shards: int = 1
+    check_kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 16
+    internal_batch_size: int = 16
+    n_maps: int = 4
+    progress: bool = True
+    figures: bool = True
+    flush_denormal: bool = False
+    resume: str = "auto"
+    train: dict = field(default_factory=dict)  # training settings (harness.train)
+    train_labels: str | None = None  # train the model first: "true" | "random" | None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    config: dict = field(default_factory=dict)  # the resolved config, recorded in run.json
+
+    @property
+    def names(self) -> dict[str, list[str]]:
+        """The selected registry names of each group."""
+        return {"model": [self.model], "dataset": [self.dataset], "method": list(self.methods),
+                "check": [self.check], "metric": list(self.metrics)}
+
+    @property
+    def digest(self) -> str:
+        return config_digest(self.config)
+
+    @property
+    def trains(self) -> bool:
+        """The run trains models: the check does, or the model is trained first."""
+        return CHECKS.facts(self.check).trains_models or bool(self.train_labels)
+
+
+def make_plan(cfg: DictConfig, choices: dict, run_dir: Path) -> RunPlan:
+    """Decode and validate a composed config (``choices``: Hydra's group choices)."""
+    names = {group: selected(cfg, choices, group) for group in GROUPS}
+    check_registered(names)
+    methods = {name: plain(cfg.method.get(name)) for name in names["method"]}
+    for name, hparams in methods.items():
+        check_hparams(name, METHODS[name], hparams)
+    metrics = {name: plain(cfg.metric.get(name)) for name in names["metric"]}
+    normalizations = {name: settings.pop("normalization", "absolute")
+                      for name, settings in metrics.items()}
+    for normalization in normalizations.values():
+        NORMALIZATIONS[normalization]  # an unknown one fails here, before any compute
+    dataset_kwargs = plain(cfg.dataset)
+    shard = (dataset_kwargs.pop("shard", 0), dataset_kwargs.pop("num_shards", 1))
+    check_shard(*shard)
+    train = plain(cfg.get("train"))
+    return RunPlan(
+        run_dir=Path(run_dir), model=names["model"][0], dataset=names["dataset"][0],
+        check=names["check"][0], methods=methods, metrics=metrics,
+        normalizations=normalizations, model_kwargs=plain(cfg.model),
+        model_label=str(cfg.model.get("name", names["model"][0])),
+        dataset_kwargs=dataset_kwargs, shard=shard[0], num_shards=shard[1],
+        check_kwargs=plain(cfg.check), seed=int(cfg.seed), device=device_name(cfg.device),
+        batch_size=int(cfg.batch_size), internal_batch_size=int(cfg.internal_batch_size),
+        n_maps=int(cfg.n_maps), progress=bool(cfg.progress), figures=bool(cfg.figures),
+        flush_denormal=bool(cfg.get("flush_denormal", False)),
+        resume=resume_mode(cfg.get("resume", "auto")), train=train,
+        train_labels=normalize_labels(train.get("labels")),
+        cache_dir=str(cfg.get("cache_dir") or DEFAULT_CACHE_DIR),
+        config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def selected(cfg: DictConfig, choices: dict, group: str) -> list[str]:
+    """Names selected in a group: Hydra's choice, or for a multi-select list (for which Hydra
+    records no choice) the keys of the group's node, which holds exactly the selected files."""
+    names = choices.get(group)
+    if names is None:
+        return list(cfg[group].keys())
+    return [names] if isinstance(names, str) else list(names)
+
+
+def registries() -> dict:
+    """The registry of each config group."""
+    return {"model": MODELS, "dataset": DATASETS, "method": METHODS, "check": CHECKS,
+            "metric": METRICS}
+
+
+def check_registered(names: dict[str, list[str]]) -> None:
+    """Every selected name exists in its registry: fail before loading anything."""
+    for group, group_names in names.items():
+        for name in group_names:
+            registries()[group][name]
+
+
+def plain(node) -> dict:
+    """A config node as a plain dict (interpolations resolved); {} for a missing node."""
+    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+
+
+def device_name(value) -> str:
+    name = "auto" if value is None else str(value)
+    if not (name in DEVICES or name.startswith("cuda:")):
+        raise ValueError(f"device must be cpu, cuda or auto, got {name!r}")
+    return name
+
+
+def resume_mode(value) -> str:
+    mode = str(value).lower()
+    if mode not in RESUME:
+        raise ValueError(f"resume must be auto, true or false, got {value!r}")
+    return mode
