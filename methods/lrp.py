@@ -37,10 +37,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from harness.base.registry import Range
 from methods import METHODS
 
 
-@METHODS.register
+@METHODS.register(ranges={"epsilon": Range(0)})
 def lrp_epsilon(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: float = 1e-6,
                 internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """LRP-epsilon for every conv and dense layer (Bach et al. 2015). (B, C, H, W)."""
@@ -50,7 +51,9 @@ def lrp_epsilon(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: float =
                             internal_batch_size=internal_batch_size, seed=seed)
 
 
-@METHODS.register
+# Rule weights: alpha on positive, beta on negative contributions, both >= 0 and (zennit checks
+# it) alpha - beta = 1, so alpha >= 1.
+@METHODS.register(ranges={"alpha": Range(1), "beta": Range(0), "epsilon": Range(0)})
 def lrp_alpha_beta(model: nn.Module, x: Tensor, target: Tensor, *, alpha: float = 2.0,
                    beta: float = 1.0, epsilon: float = 1e-6, internal_batch_size: int = 64,
                    seed: int = 0) -> Tensor:
@@ -62,7 +65,7 @@ def lrp_alpha_beta(model: nn.Module, x: Tensor, target: Tensor, *, alpha: float 
                                internal_batch_size=internal_batch_size, seed=seed)
 
 
-@METHODS.register
+@METHODS.register(ranges={"epsilon": Range(0)})
 def lrp_epsilon_plus(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: float = 1e-6,
                      internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """LRP with z+ for convolutions and epsilon for dense layers (zennit's EpsilonPlus; Montavon

@@ -1,11 +1,14 @@
 """Similarity metrics. ``METRICS[name](a, b) -> Tensor (B,)`` for maps ``a, b`` of shape (B, H, W).
 
 A metric compares ``a[i]`` with ``b[i]`` only. Maps are normalized first by
-``metrics.normalize.NORMALIZATIONS[name]`` (B, C, H, W) -> (B, H, W), chosen per metric in config.
+``metrics.normalize.NORMALIZATIONS[name]`` (B, C, H, W) -> (B, H, W), chosen per metric in config;
+a metric's facts (:class:`harness.base.facts.MetricFacts`, ``METRICS.facts(name)``) give the
+normalization it uses when the config gives none, and the ranges of its settings.
 """
+from harness.base.facts import MetricFacts, check_metric_facts
 from harness.base.registry import Registry
 
-METRICS = Registry("metric")
+METRICS = Registry("metric", facts=MetricFacts, check=check_metric_facts)
 
 from metrics import normalize, similarity  # noqa: E402,F401  (fill the registry)
 from metrics.normalize import NORMALIZATIONS  # noqa: E402,F401
