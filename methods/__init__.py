@@ -11,4 +11,4 @@ from harness.base.registry import Registry
 
 METHODS = Registry("method", facts=MethodFacts, check=check_method_facts)
 
-from methods import cgi, controls, gradients, guided, igos, lrp, path_methods, rectgrad  # noqa: E402,F401  (fill the registry)
+from methods import cgi, controls, gradients, guided, igos, lrp, path_methods, rectgrad  # noqa: F401  (fill the registry)

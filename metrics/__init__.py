@@ -10,5 +10,5 @@ from harness.base.registry import Registry
 
 METRICS = Registry("metric", facts=MetricFacts, check=check_metric_facts)
 
-from metrics import normalize, similarity  # noqa: E402,F401  (fill the registry)
-from metrics.normalize import NORMALIZATIONS  # noqa: E402,F401
+from metrics import normalize, similarity  # noqa: F401  (fill the registry)
+from metrics.normalize import NORMALIZATIONS  # noqa: F401

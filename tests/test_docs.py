@@ -26,8 +26,8 @@ def code_words() -> set[str]:
     words = set()
     for doc in DOCS:
         text = (ROOT / doc).read_text()
-        blocks = re.findall(r"```.*?```", text, flags=re.S)
-        inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        blocks = re.findall(r"```.*?```", text, flags=re.DOTALL)
+        inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
         for code in blocks + inline:
             words.update(re.findall(r"[A-Za-z0-9_]+", code))
     return words
@@ -48,6 +48,6 @@ def test_every_preset_is_documented(preset):
 
 
 def test_contributing_has_a_section_per_kind_of_entry():
-    headings = re.findall(r"^## (.+)$", (ROOT / "CONTRIBUTING.md").read_text(), flags=re.M)
+    headings = re.findall(r"^## (.+)$", (ROOT / "CONTRIBUTING.md").read_text(), flags=re.MULTILINE)
     for kind in ("method", "metric", "model", "preset", "check"):
         assert f"Add a {kind}" in headings

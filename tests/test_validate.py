@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from harness.base.registry import Range
 from harness.cli import descriptions, options, sweep_dir_override
 from harness.data import DATASETS
 from harness.run import take_shard
 from harness.store import claim_run_dir, finished_parts
-from harness.base.registry import Range
 from harness.validate import check_hparams, check_shard
 from methods import METHODS
 
