@@ -1,50 +1,34 @@
 """Bad input caught before any compute, each in one line that says what to change.
 
 The runner calls these after the config is composed and before the check runs: method
-hyperparameters against the method's signature and the declared ranges below, the model
-against what each method needs, the dataset's inputs against what the model takes, the shard
-against the dataset.
+hyperparameters against the method's signature and the ranges declared in its registration
+(``METHODS.facts(name).ranges``), the model against what each method needs (its ``needs``
+fact), the dataset's inputs against what the model takes, the shard against the dataset.
 """
 from __future__ import annotations
 
 import inspect
-import math
 import types
 import typing
 
 import torch
 from torch import nn
 
+from harness.base.facts import MethodFacts, MetricFacts
 from harness.base.meta import model_meta
+from harness.base.registry import Range
+from methods import METHODS
+from metrics import METRICS
 
-# Declared ranges of hyperparameters, by name, for every method that has one:
-# (low, high, low_inclusive). Names mean the same in every method of methods/.
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "steps": (1, math.inf, True),  # path steps
-    "n_samples": (1, math.inf, True),  # noise samples
-    "noise_level": (0, math.inf, False),  # sigma as a fraction of the input range
-    "q": (0, 100, True),  # percentile
-    "k": (1, math.inf, True),
-    "epsilon": (0, math.inf, True),
-    "alpha": (0, math.inf, True),
-    "beta": (0, math.inf, True),
-    "fraction": (0, 1, False),
-    "max_dist": (0, math.inf, False),
-    "max_sigma": (0, math.inf, False),
-    "grad_step": (0, math.inf, False),
-    "size": (1, math.inf, True),
-    "ig_iter": (1, math.inf, True),
-    "iterations": (1, math.inf, True),
-    "blur_ksize": (1, math.inf, True),
-    "blur_sigma": (0, math.inf, False),
-}
 RUN_WIDE = ("internal_batch_size", "seed")  # bound by the runner for every method
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
-def check_hparams(method: str, fn, hparams: dict) -> None:
+def check_hparams(method: str, fn, hparams: dict, facts: MethodFacts | None = None) -> None:
     """Every ``method.<name>.<key>`` is a keyword of the method, of the annotated type and
-    within its declared range."""
+    within the range the method declares for it (``facts``, by default those registered under
+    ``method``; a method outside ``METHODS`` declares none)."""
+    facts = facts if facts is not None else method_facts(method)
     params = inspect.signature(fn).parameters
     hints = typing.get_type_hints(fn)
     own = [p for p in params.values() if p.kind is p.KEYWORD_ONLY and p.name not in RUN_WIDE]
@@ -53,7 +37,28 @@ def check_hparams(method: str, fn, hparams: dict) -> None:
             raise ValueError(f"method.{method}.{key}: unknown hyperparameter of {method}; it "
                              f"takes {', '.join(p.name for p in own) or 'none'}")
         _check_type(f"method.{method}.{key}", value, hints.get(key))
-        _check_range(f"method.{method}.{key}", value, RANGES.get(key))
+        _check_range(f"method.{method}.{key}", value, facts.ranges.get(key))
+
+
+def check_metric_args(metric: str, fn, kwargs: dict, facts: MetricFacts | None = None) -> None:
+    """Every ``metric.<name>.<key>`` (``normalization`` popped first) is a keyword of the metric,
+    of the annotated type and within its declared range (``facts``, by default those registered
+    under ``metric``)."""
+    facts = facts if facts is not None else (
+        METRICS.facts(metric) if metric in METRICS else MetricFacts())
+    params = inspect.signature(fn).parameters
+    hints = typing.get_type_hints(fn)
+    for key, value in kwargs.items():
+        if key not in params or key in ("a", "b"):
+            raise ValueError(f"metric.{metric}.{key}: unknown setting of {metric}; it takes "
+                             f"normalization, {', '.join(list(params)[2:]) or 'nothing else'}")
+        _check_type(f"metric.{metric}.{key}", value, hints.get(key))
+        _check_range(f"metric.{metric}.{key}", value, facts.ranges.get(key))
+
+
+def method_facts(name: str) -> MethodFacts:
+    """The facts registered under ``name``, or the defaults for a method outside ``METHODS``."""
+    return METHODS.facts(name) if name in METHODS else MethodFacts()
 
 
 def _check_type(label: str, value, hint) -> None:
@@ -80,23 +85,20 @@ def _types_of(hint) -> tuple[type, ...]:
     return (hint,) if isinstance(hint, type) else ()
 
 
-def _check_range(label: str, value, bounds: tuple[float, float, bool] | None) -> None:
+def _check_range(label: str, value, bounds: Range | None) -> None:
     if bounds is None or value is None or isinstance(value, bool):
         return
-    low, high, inclusive = bounds
-    above = value >= low if inclusive else value > low
-    if not (above and value <= high):
-        low_text = f">= {low}" if inclusive else f"> {low}"
-        text = low_text if high == math.inf else f"within [{low}, {high}]"
-        raise ValueError(f"{label} must be {text}, got {value!r}")
+    if not bounds.contains(value):
+        raise ValueError(f"{label} must be {bounds}, got {value!r}")
 
 
 def check_model_needs(model: nn.Module, model_name: str, methods: dict) -> None:
-    """Each method's ``needs`` (``conv``: a GradCAM layer; ``relu``: ReLU modules) are there."""
+    """Each method's declared ``needs`` (``conv``: a GradCAM layer; ``relu``: ReLU modules) are
+    there. ``methods``: name -> the callable (a bound ``functools.partial``); facts by name."""
     has = {"conv": bool(model_meta(model).gradcam_layer),
            "relu": any(isinstance(m, ACTIVATIONS) for m in model.modules())}
-    for method, fn in methods.items():
-        for need in getattr(getattr(fn, "func", fn), "needs", ()):
+    for method in methods:  # a bound partial or a plain callable: facts come by name
+        for need in method_facts(method).needs:
             if not has[need]:
                 what = "a conv layer" if need == "conv" else "nn.ReLU or nn.ReLU6 modules"
                 raise ValueError(f"method {method} needs {what}, which model {model_name} lacks; "

@@ -1,15 +1,22 @@
 """The model zoo. ``MODELS[name](**cfg) -> nn.Module`` in eval mode, with a
 :class:`harness.base.meta.ModelMeta` attached (randomization blocks, GradCAM layer, data config).
+
+A model's blocks and GradCAM layer are facts of its registration
+(:class:`harness.base.facts.ModelFacts`, ``MODELS.facts(name)``): names for a fixed
+architecture, ``@MODELS.register(blocks=("conv1", "conv2", "fc"), gradcam_layer="relu2")``, or
+functions of the built model for parametric families (timm). The builder ends with
+:func:`finish`, which attaches the metadata resolved from those facts.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from harness.base.meta import ModelMeta, attach_meta
+from harness.base.facts import ModelFacts, check_model_facts
+from harness.base.meta import ModelMeta, attach_meta, fallback_meta
 from harness.base.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", facts=ModelFacts, check=check_model_facts)
 
 
 def _seeded_init(module: nn.Module, seed: int) -> None:
@@ -20,7 +27,26 @@ def _seeded_init(module: nn.Module, seed: int) -> None:
                 m.reset_parameters()
 
 
-@MODELS.register
+def finish(name: str, model: nn.Module, data_config: dict, num_classes: int) -> nn.Module:
+    """``model`` in eval mode with the metadata its registration ``name`` declares attached
+    (blocks, members, GradCAM layer resolved on this model), or the generic fallback of
+    :func:`harness.base.meta.fallback_meta` where the facts declare no blocks."""
+    blocks, members, layer = MODELS.facts(name).resolve(model)
+    if not blocks:
+        fallback = fallback_meta(model)
+        blocks, layer = fallback.blocks, layer or fallback.gradcam_layer
+    meta = ModelMeta(blocks=blocks, members=members, gradcam_layer=layer,
+                     data_config=data_config, num_classes=num_classes)
+    return attach_meta(model.eval(), meta)
+
+
+def plain_data_config(in_chans: int, size: int) -> dict:
+    """timm-style data config of inputs in [0, 1] without normalization (mean 0, std 1)."""
+    return {"input_size": (in_chans, size, size), "mean": (0.0,) * in_chans,
+            "std": (1.0,) * in_chans}
+
+
+@MODELS.register(blocks=("conv1", "conv2", "fc"), gradcam_layer="relu2")
 def tiny_cnn(num_classes: int = 5, in_chans: int = 3, seed: int = 0, **_) -> nn.Module:
     """A two-conv CNN for second-long tests; input (B, in_chans, H>=8, W>=8)."""
     model = nn.Sequential()
@@ -32,13 +58,10 @@ def tiny_cnn(num_classes: int = 5, in_chans: int = 3, seed: int = 0, **_) -> nn.
     model.add_module("flatten", nn.Flatten())
     model.add_module("fc", nn.Linear(8, num_classes))
     _seeded_init(model, seed)
-    meta = ModelMeta(blocks=["conv1", "conv2", "fc"], gradcam_layer="relu2",
-                     data_config={"input_size": (in_chans, 32, 32), "mean": (0.0,) * in_chans,
-                                  "std": (1.0,) * in_chans}, num_classes=num_classes)
-    return attach_meta(model.eval(), meta)
+    return finish("tiny_cnn", model, plain_data_config(in_chans, 32), num_classes)
 
 
-@MODELS.register
+@MODELS.register(blocks=("conv1", "conv2", "fc1", "fc2"), gradcam_layer="relu2")
 def mnist_cnn(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, seed: int = 0,
               checkpoint: str | None = None, **_) -> nn.Module:
     """The small MNIST CNN of Adebayo et al. 2018 (arXiv 1810.03292, appendix): two 5x5 conv
@@ -57,17 +80,18 @@ def mnist_cnn(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, se
     _seeded_init(model, seed)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))
-    meta = ModelMeta(blocks=["conv1", "conv2", "fc1", "fc2"], gradcam_layer="relu2",
-                     data_config={"input_size": (in_chans, input_size, input_size),
-                                  "mean": (0.0,) * in_chans, "std": (1.0,) * in_chans},
-                     num_classes=num_classes)
-    return attach_meta(model.eval(), meta)
+    return finish("mnist_cnn", model, plain_data_config(in_chans, input_size), num_classes)
 
 
 MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
-@MODELS.register
+def dense_layers(model: nn.Module) -> tuple[str, ...]:
+    """The top-level nn.Linear children in order: an MLP's blocks, whatever its depth."""
+    return tuple(name for name, child in model.named_children() if isinstance(child, nn.Linear))
+
+
+@MODELS.register(blocks=dense_layers, gradcam_layer="")
 def mlp(num_classes: int = 10, in_chans: int = 1, input_size: int = 28,
         hidden: tuple[int, ...] | list[int] = (2500, 1500, 500), seed: int = 0,
         checkpoint: str | None = None, activation: str = "relu", **_) -> nn.Module:
@@ -90,14 +114,13 @@ def mlp(num_classes: int = 10, in_chans: int = 1, input_size: int = 28,
     _seeded_init(model, seed)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))
-    meta = ModelMeta(blocks=[f"fc{i}" for i in range(1, len(hidden) + 2)], gradcam_layer="",
-                     data_config={"input_size": (in_chans, input_size, input_size),
-                                  "mean": (0.0,) * in_chans, "std": (1.0,) * in_chans},
-                     num_classes=num_classes)
-    return attach_meta(model.eval(), meta)
+    return finish("mlp", model, plain_data_config(in_chans, input_size), num_classes)
 
 
-@MODELS.register
+@MODELS.register(blocks=("conv_stem", *(f"blocks.{i}" for i in range(7)), "conv_head",
+                         "classifier"),
+                 members={"conv_stem": ("conv_stem", "bn1"), "conv_head": ("conv_head", "bn2")},
+                 gradcam_layer="bn2")  # the last conv block's activated output
 def efficientnet_lite0(checkpoint: str | None = None, **_) -> nn.Module:
     """EfficientNet-Lite0 (Tan & Le 2019) with real ImageNet weights, offline.
 
@@ -110,7 +133,7 @@ def efficientnet_lite0(checkpoint: str | None = None, **_) -> nn.Module:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = _load_state_dict(checkpoint) if checkpoint else _lite0_package_state(model)
     model.load_state_dict(state)
-    return _finish_timm(model)
+    return _finish_timm("efficientnet_lite0", model)
 
 
 def _lite0_package_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,7 +158,68 @@ def _lite0_package_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
-@MODELS.register
+INCEPTION_V3_BLOCKS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1",
+                       "Conv2d_4a_3x3", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                       "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+
+EFFICIENTNET = {"conv_stem", "blocks", "conv_head"}  # top-level children naming a family
+RESNET = {"conv1", "layer1", "layer4"}
+
+
+def architecture_blocks(model: nn.Module) -> tuple[str, ...]:
+    """Randomization blocks (input -> logits) of known families (EfficientNet / MobileNet,
+    ResNet, Inception-v3 with the paper's 17 blocks, VGG), else the top-level children."""
+    names = {name for name, _ in model.named_children()}
+    if EFFICIENTNET <= names:
+        stages = [f"blocks.{i}" for i in range(len(model.blocks))]
+        return ("conv_stem", *stages, "conv_head", _classifier_name(model))
+    if RESNET <= names:
+        return ("conv1", "layer1", "layer2", "layer3", "layer4", _classifier_name(model))
+    if "Mixed_7c" in names:
+        return (*[b for b in INCEPTION_V3_BLOCKS if b in names], _classifier_name(model))
+    if "features" in names and isinstance(model.features, nn.Sequential):
+        return tuple(_vgg_blocks(model))
+    return tuple(fallback_meta(model).blocks)
+
+
+def architecture_members(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Blocks of known families that span several modules: a stem (or head) conv randomized
+    together with its BatchNorm."""
+    names = {name for name, _ in model.named_children()}
+    if EFFICIENTNET <= names:
+        return {"conv_stem": ("conv_stem", "bn1"), "conv_head": ("conv_head", "bn2")}
+    if RESNET <= names:
+        return {"conv1": ("conv1", "bn1")}
+    return {}
+
+
+def _classifier_name(model: nn.Module) -> str:
+    for name in ("classifier", "fc", "head", "last_linear"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ValueError(f"{type(model).__name__}: no classifier found")
+
+
+def _vgg_blocks(model: nn.Module) -> list[str]:
+    convs = [f"features.{n}" for n, m in model.features.named_children() if isinstance(m, nn.Conv2d)]
+    dense = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith("features")]
+    return convs + dense
+
+
+def last_conv_block(model: nn.Module) -> str:
+    """The last conv block's output: post-activation features, as GradCAM prescribes."""
+    names = {name for name, _ in model.named_children()}
+    for candidate in ("bn2", "layer4", "Mixed_7c"):
+        if candidate in names:
+            return candidate
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else ""
+
+
+@MODELS.register(blocks=architecture_blocks, members=architecture_members,
+                 gradcam_layer=last_conv_block)
 def timm(name: str = "resnet18", pretrained: bool = False, checkpoint: str | None = None,
          num_classes: int | None = None, **_) -> nn.Module:
     """Any timm model by name. Weights: the hub when ``pretrained`` and online, a local
@@ -151,7 +235,7 @@ def timm(name: str = "resnet18", pretrained: bool = False, checkpoint: str | Non
     model = timm_lib.create_model(name, pretrained=bool(pretrained and not checkpoint), **kwargs)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))
-    return _finish_timm(model)
+    return _finish_timm("timm", model)
 
 
 def _require_hub(name: str) -> None:
@@ -184,72 +268,16 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _finish_timm(model: nn.Module) -> nn.Module:
+def _finish_timm(name: str, model: nn.Module) -> nn.Module:
     """Eval mode, non-inplace activations (backward hooks need them), metadata attached."""
     import timm.data
 
     _disable_inplace(model)
-    blocks, members = architecture_blocks(model)
-    meta = ModelMeta(blocks=blocks, members=members, gradcam_layer=_gradcam_layer_name(model),
-                     data_config=timm.data.resolve_data_config({}, model=model),
-                     num_classes=getattr(model, "num_classes", 0))
-    return attach_meta(model.eval(), meta)
+    return finish(name, model, timm.data.resolve_data_config({}, model=model),
+                  getattr(model, "num_classes", 0))
 
 
 def _disable_inplace(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
-
-
-INCEPTION_V3_BLOCKS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1",
-                       "Conv2d_4a_3x3", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                       "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
-
-
-def architecture_blocks(model: nn.Module) -> tuple[list[str], dict[str, list[str]]]:
-    """Randomization blocks (input -> logits) for known families, else the top-level children.
-
-    Returns the block names and, for blocks that span several modules, their member modules
-    (a stem conv randomized together with its BatchNorm).
-    """
-    names = {name for name, _ in model.named_children()}
-    if {"conv_stem", "blocks", "conv_head"} <= names:  # EfficientNet / MobileNet family
-        stages = [f"blocks.{i}" for i in range(len(model.blocks))]
-        head = _classifier_name(model)
-        return (["conv_stem", *stages, "conv_head", head],
-                {"conv_stem": ["conv_stem", "bn1"], "conv_head": ["conv_head", "bn2"]})
-    if {"conv1", "layer1", "layer4"} <= names:  # ResNet family
-        return (["conv1", "layer1", "layer2", "layer3", "layer4", _classifier_name(model)],
-                {"conv1": ["conv1", "bn1"]})
-    if "Mixed_7c" in names:  # Inception-v3: the paper's 17 blocks
-        return [*[b for b in INCEPTION_V3_BLOCKS if b in names], _classifier_name(model)], {}
-    if "features" in names and isinstance(model.features, nn.Sequential):  # VGG family
-        return _vgg_blocks(model), {}
-    from harness.base.meta import fallback_meta
-
-    return fallback_meta(model).blocks, {}
-
-
-def _classifier_name(model: nn.Module) -> str:
-    for name in ("classifier", "fc", "head", "last_linear"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    raise ValueError(f"{type(model).__name__}: no classifier found")
-
-
-def _vgg_blocks(model: nn.Module) -> list[str]:
-    convs = [f"features.{n}" for n, m in model.features.named_children() if isinstance(m, nn.Conv2d)]
-    dense = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith("features")]
-    return convs + dense
-
-
-def _gradcam_layer_name(model: nn.Module) -> str:
-    """The last conv block's output: post-activation features, as GradCAM prescribes."""
-    names = {name for name, _ in model.named_children()}
-    for candidate in ("bn2", "layer4", "Mixed_7c"):
-        if candidate in names:
-            return candidate
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1] if convs else ""

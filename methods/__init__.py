@@ -2,12 +2,13 @@
 
 Every method returns raw, signed attributions; post-processing lives in ``metrics``.
 A method leaves the model as it found it (weights, hooks, ``requires_grad``) and never
-touches ``x.grad``.
+touches ``x.grad``. Its facts (:class:`harness.base.facts.MethodFacts`: what it needs of the
+model, whether it is deterministic or uses the model at all, its hyperparameter ranges) are
+given in its decorator and read with ``METHODS.facts(name)``.
 """
-from harness.base.registry import Registry
-
-METHODS = Registry("method")
-
-# in the order of DESIGN.md section 5: the registry's order is the order of figure legends
-from methods import (  # noqa: E402,F401,I001  (fill the registry)
+# in the order of the README's method table: the registry's order is the order of figure legends
+from methods import (  # noqa: F401,I001  (fill the registry)
     gradients, guided, cgi, rectgrad, lrp, path_methods, igos, controls)
+from methods.registry import METHODS
+
+__all__ = ["METHODS"]

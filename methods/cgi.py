@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from methods import METHODS
+from harness.base.registry import Range
+from methods.registry import METHODS
 from methods.fold import fold_batchnorm
 
 CLASS_SETS = ("all", "topk")
@@ -93,7 +94,7 @@ def _cgi_chunk(model: nn.Module, x: Tensor, target: Tensor, classes: str, k: int
         return competition_winners(x, chunks), order.shape[1]
 
 
-@METHODS.register
+@METHODS.register(ranges={"k": Range(0)})  # k = 0: the target competes with itself only
 def cgi(model: nn.Module, x: Tensor, target: Tensor, *, classes: str = "all", k: int = 10,
         internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """Competitive Gradient x Input (Gupta & Arora 2019, arXiv 1905.12152). (B, C, H, W).

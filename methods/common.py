@@ -26,7 +26,7 @@ _SHARED: ContextVar[dict | None] = ContextVar("shared_pieces", default=None)
 
 @contextmanager
 def shared_pieces() -> Iterator[None]:
-    """Compute shared pieces once inside the block (DESIGN §7): Gradient and Gradient x Input
+    """Compute shared pieces once inside the block (README, "Speed"): Gradient and Gradient x Input
     share the input gradient, SmoothGrad and VarGrad the noisy gradients, Guided GradCAM reuses
     Guided Backprop and GradCAM. The caller guarantees the model does not change inside."""
     token = _SHARED.set({})

@@ -8,9 +8,9 @@
   2211.12486): passing the test is necessary, not sufficient.
 
 Both follow the method contract, ``(model, x, target, *, internal_batch_size=64, seed=0) ->
-Tensor`` shaped like x (B, C, H, W), and set the function attributes the test table reads:
-``uses_model = False`` (they never call the model) and, for ``random_uniform``,
-``deterministic = False`` (two calls differ on purpose).
+Tensor`` shaped like x (B, C, H, W), and declare in their registration the facts the test table
+and the checks read: ``uses_model=False`` (they never call the model) and, for
+``random_uniform``, ``deterministic=False`` (two calls differ on purpose).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods import METHODS
+from methods.registry import METHODS
 from methods.common import map_chunks
 
 SOBEL_X = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
@@ -38,7 +38,7 @@ def sobel_magnitude(x: Tensor) -> Tensor:
     return edges.pow(2).sum(dim=2).sqrt()
 
 
-@METHODS.register
+@METHODS.register(uses_model=False)
 def sobel(model: nn.Module, x: Tensor, target: Tensor, *, internal_batch_size: int = 64,
           seed: int = 0) -> Tensor:
     """Sobel edge magnitude of each input channel; ignores model and target (the edge-detector
@@ -48,7 +48,6 @@ def sobel(model: nn.Module, x: Tensor, target: Tensor, *, internal_batch_size: i
                           internal_batch_size)
 
 
-sobel.uses_model = False
 
 # Per model object: (fingerprint of its weights when first seen, calls so far). A run builds its
 # models once, so a rerun of the same run (same seed, same order of calls) draws the same
@@ -73,7 +72,7 @@ def call_seed(seed: int, model: str, call: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-@METHODS.register
+@METHODS.register(uses_model=False, deterministic=False)
 def random_uniform(model: nn.Module, x: Tensor, target: Tensor, *,
                    internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """U(-1, 1) noise, fresh at every call (Binder et al. 2023, arXiv 2211.12486): a control
@@ -90,5 +89,3 @@ def random_uniform(model: nn.Module, x: Tensor, target: Tensor, *,
     return 2 * noise - 1
 
 
-random_uniform.uses_model = False
-random_uniform.deterministic = False

@@ -12,8 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from methods import METHODS
+from harness.base.registry import Range
+from methods.registry import METHODS
 from methods.common import gaussian_noise, input_gradients, noise_sigma, shared
+
+# Noise samples, and sigma as a fraction of each input's range (max - min).
+NOISE_RANGES = {"n_samples": Range(1), "noise_level": Range(0, exclusive_low=True)}
 
 
 @METHODS.register
@@ -64,7 +68,8 @@ def path_alphas_and_weights(steps: int, method: str) -> tuple[np.ndarray, np.nda
     return alphas, weights
 
 
-@METHODS.register
+# Gauss-Legendre takes any steps >= 1; the Riemann rules need 2 (path_alphas_and_weights says so).
+@METHODS.register(ranges={"steps": Range(1)})
 def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, *, steps: int = 50,
                          baseline: float = 0.0, method: str = "gausslegendre",
                          internal_batch_size: int = 64, seed: int = 0) -> Tensor:
@@ -113,7 +118,7 @@ def noisy_gradients(model: nn.Module, x: Tensor, target: Tensor, n_samples: int,
     return grads.view_as(noisy)
 
 
-@METHODS.register
+@METHODS.register(ranges=NOISE_RANGES)
 def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, *, n_samples: int = 50,
                noise_level: float = 0.15, internal_batch_size: int = 64,
                seed: int = 0) -> Tensor:
@@ -126,7 +131,7 @@ def smoothgrad(model: nn.Module, x: Tensor, target: Tensor, *, n_samples: int = 
     return mean
 
 
-@METHODS.register
+@METHODS.register(ranges=NOISE_RANGES)
 def vargrad(model: nn.Module, x: Tensor, target: Tensor, *, n_samples: int = 50,
             noise_level: float = 0.15, internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """Population variance of the SmoothGrad gradients, mean(g^2) - mean(g)^2 as captum's

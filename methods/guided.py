@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.base.meta import gradcam_layer
-from methods import METHODS
+from methods.registry import METHODS
 from methods.common import (
     captured_outputs,
     forward_hooks,
@@ -60,7 +60,7 @@ def guided_gradients(model: nn.Module, x: Tensor, target: Tensor,
     return shared(compute, "guided_backprop", model, x, target)
 
 
-@METHODS.register
+@METHODS.register(needs=("relu",))
 def guided_backprop(model: nn.Module, x: Tensor, target: Tensor, *,
                     internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """Gradient where every ReLU/ReLU6 passes back only positive gradients
@@ -96,7 +96,7 @@ def gradcam_maps(model: nn.Module, x: Tensor, target: Tensor, relu: bool,
     return maps.clamp(min=0) if relu else maps
 
 
-@METHODS.register
+@METHODS.register(needs=("conv",))
 def gradcam(model: nn.Module, x: Tensor, target: Tensor, *, relu: bool = True,
             interpolate_mode: str = "bilinear", internal_batch_size: int = 64,
             seed: int = 0) -> Tensor:
@@ -106,7 +106,7 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor, *, relu: bool = True,
                          interpolate_mode)
 
 
-@METHODS.register
+@METHODS.register(needs=("conv", "relu"))
 def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor, *,
                    interpolate_mode: str = "nearest", internal_batch_size: int = 64,
                    seed: int = 0) -> Tensor:
@@ -118,6 +118,3 @@ def guided_gradcam(model: nn.Module, x: Tensor, target: Tensor, *,
 
 
 # what the runner checks the model has before any compute (harness/validate.py)
-guided_backprop.needs = ("relu",)
-gradcam.needs = ("conv",)
-guided_gradcam.needs = ("conv", "relu")

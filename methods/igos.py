@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods import METHODS
+from harness.base.registry import Range
+from methods.registry import METHODS
 from methods.common import target_logits
 from methods.fold import fold_batchnorm
 
@@ -34,9 +35,14 @@ TERMS = ("deletion", "insertion", "deletion", "insertion")  # combined mask twic
 TV_BETA = 2  # exponent of the (bilateral) total variation
 BILATERAL_SIGMA = 0.01  # image-edge sensitivity of the bilateral weights
 ARMIJO_BETA, DECAY, MIN_STEP = 1e-4, 0.2, 1e-5  # line search, as the reference
+POSITIVE = Range(0, exclusive_low=True)
 
 
-@METHODS.register
+# ``alpha`` here is the first step of the line search (not LRP's rule weight); L1 and L2 weigh
+# the regularizers; ``noise`` is the sigma of the input noise on the integration path.
+@METHODS.register(ranges={"size": Range(1), "L1": Range(0), "L2": Range(0), "ig_iter": Range(1),
+                          "iterations": Range(1), "alpha": POSITIVE, "noise": Range(0),
+                          "blur_ksize": Range(1), "blur_sigma": POSITIVE})
 def igos_pp(model: nn.Module, x: Tensor, target: Tensor, *, size: int = 28, L1: float = 1.0,
             L2: float = 20.0, ig_iter: int = 20, iterations: int = 15, alpha: float = 1000.0,
             noise: float = 0.2, blur_ksize: int = 51, blur_sigma: float = 50.0,

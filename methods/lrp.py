@@ -37,37 +37,40 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from methods import METHODS
+from harness.base.registry import Range
+from methods.registry import METHODS
 
 
-@METHODS.register
+@METHODS.register(ranges={"epsilon": Range(0)})
 def lrp_epsilon(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: float = 1e-6,
                 internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """LRP-epsilon for every conv and dense layer (Bach et al. 2015). (B, C, H, W)."""
-    from methods import lrp_zennit
+    import methods.lrp_zennit as lrp_zennit
 
     return lrp_zennit.lrp_epsilon(model, x, target, epsilon=epsilon,
                             internal_batch_size=internal_batch_size, seed=seed)
 
 
-@METHODS.register
+# Rule weights: alpha on positive, beta on negative contributions, both >= 0 and (zennit checks
+# it) alpha - beta = 1, so alpha >= 1.
+@METHODS.register(ranges={"alpha": Range(1), "beta": Range(0), "epsilon": Range(0)})
 def lrp_alpha_beta(model: nn.Module, x: Tensor, target: Tensor, *, alpha: float = 2.0,
                    beta: float = 1.0, epsilon: float = 1e-6, internal_batch_size: int = 64,
                    seed: int = 0) -> Tensor:
     """LRP-alpha-beta for convolutions, epsilon for dense layers (Bach et al. 2015; zennit's
     EpsilonAlpha2Beta1 for alpha=2, beta=1; zennit needs alpha - beta = 1). (B, C, H, W)."""
-    from methods import lrp_zennit
+    import methods.lrp_zennit as lrp_zennit
 
     return lrp_zennit.lrp_alpha_beta(model, x, target, alpha=alpha, beta=beta, epsilon=epsilon,
                                internal_batch_size=internal_batch_size, seed=seed)
 
 
-@METHODS.register
+@METHODS.register(ranges={"epsilon": Range(0)})
 def lrp_epsilon_plus(model: nn.Module, x: Tensor, target: Tensor, *, epsilon: float = 1e-6,
                      internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """LRP with z+ for convolutions and epsilon for dense layers (zennit's EpsilonPlus; Montavon
     et al. 2019). (B, C, H, W)."""
-    from methods import lrp_zennit
+    import methods.lrp_zennit as lrp_zennit
 
     return lrp_zennit.lrp_epsilon_plus(model, x, target, epsilon=epsilon,
                                  internal_batch_size=internal_batch_size, seed=seed)

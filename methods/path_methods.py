@@ -14,7 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from methods import METHODS
+from harness.base.registry import Range
+from methods.registry import METHODS
 from methods.common import input_gradients, logit_gradient
 from methods.fold import fold_batchnorm
 
@@ -23,7 +24,8 @@ from methods.fold import fold_batchnorm
 CLOSE = 1e-9  # relative and absolute tolerance of "the step's L1 target is reached"
 
 
-@METHODS.register
+@METHODS.register(ranges={"steps": Range(1), "fraction": Range(0, 1, exclusive_low=True),
+                          "max_dist": Range(0)})  # max_dist = 0: Integrated Gradients
 def guided_ig(model: nn.Module, x: Tensor, target: Tensor, *, steps: int = 200,
               fraction: float = 0.25, max_dist: float = 0.02, baseline: float = 0.0,
               internal_batch_size: int = 64, seed: int = 0) -> Tensor:
@@ -110,7 +112,8 @@ def lowest_fraction(grad: Tensor, fraction: float) -> Tensor:
 
 # --- Blur Integrated Gradients ----------------------------------------------------------------
 
-@METHODS.register
+@METHODS.register(ranges={"max_sigma": Range(0, exclusive_low=True), "steps": Range(1),
+                          "grad_step": Range(0, exclusive_low=True)})
 def blur_ig(model: nn.Module, x: Tensor, target: Tensor, *, max_sigma: float = 50.0,
             steps: int = 100, grad_step: float = 0.01, sqrt: bool = False,
             internal_batch_size: int = 64, seed: int = 0) -> Tensor:

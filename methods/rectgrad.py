@@ -22,10 +22,12 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from methods import METHODS
+from harness.base.registry import Range
+from methods.registry import METHODS
 from methods.common import forward_hooks, input_gradients, shared
 
 RECTIFIED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+PERCENTILE = Range(0, 100)  # q; null (None) turns the rectification off
 
 
 def row_percentile(values: Tensor, q: float) -> Tensor:
@@ -83,14 +85,14 @@ def rectified_gradient(model: nn.Module, x: Tensor, target: Tensor, q: float | N
     return shared(compute, "rectgrad", model, x, target, q)
 
 
-@METHODS.register
+@METHODS.register(needs=("relu",), ranges={"q": PERCENTILE})
 def rectgrad(model: nn.Module, x: Tensor, target: Tensor, *, q: float | None = 98.0,
              internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """Rectified gradient times the input (Kim et al. 2019, arXiv 1902.04893). (B, C, H, W)."""
     return rectified_gradient(model, x, target, q, internal_batch_size) * x.detach()
 
 
-@METHODS.register
+@METHODS.register(needs=("relu",), ranges={"q": PERCENTILE})
 def nobias_rectgrad(model: nn.Module, x: Tensor, target: Tensor, *, q: float | None = 98.0,
                     internal_batch_size: int = 64, seed: int = 0) -> Tensor:
     """Rectified gradient without the final multiplication by the input (Brocki & Chung 2020,
@@ -99,5 +101,3 @@ def nobias_rectgrad(model: nn.Module, x: Tensor, target: Tensor, *, q: float | N
 
 
 # what the runner checks the model has before any compute (harness/validate.py)
-rectgrad.needs = ("relu",)
-nobias_rectgrad.needs = ("relu",)

@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from metrics import METRICS
+from harness.base.registry import Range
+from metrics.registry import METRICS
 from metrics.parallel import by_chunks, coarse_threads
 
 SSIM_SIGMA = 1.5
@@ -270,7 +271,7 @@ def _ssim_rows(x: Tensor, y: Tensor, data_range: float) -> Tensor:
     return ssim_map.sum(dim=0).sum(dim=0, dtype=torch.float64) / pixels
 
 
-@METRICS.register
+@METRICS.register(normalization="absolute", ranges={"data_range": Range(0, exclusive_low=True)})
 @coarse_threads
 def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """Mean structural similarity (Wang et al. 2004) per row: (B, H, W) x (B, H, W) -> (B,).
@@ -478,7 +479,7 @@ def _spearman(a: Tensor, b: Tensor) -> Tensor:
     return _nan_rows(torch.from_numpy(score), a, b)
 
 
-@METRICS.register
+@METRICS.register(normalization="signed")
 @coarse_threads
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation over pixels: (B, H, W) x (B, H, W) -> (B,).
@@ -491,7 +492,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return _spearman(a, b)
 
 
-@METRICS.register
+@METRICS.register(normalization="absolute")
 @coarse_threads
 def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation, configured on absolute-normalized maps (Adebayo et al. 2018,
@@ -500,7 +501,7 @@ def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
     return _spearman(a, b)
 
 
-@METRICS.register
+@METRICS.register(normalization="signed")
 @coarse_threads
 def pearson(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation of the flattened maps: (B, H, W) x (B, H, W) -> (B,); equals
@@ -685,7 +686,8 @@ def hog_features(maps: Tensor, orientations: int = 9,
     return torch.from_numpy(_hog_numpy(maps, *args)).to(maps.device)
 
 
-@METRICS.register
+@METRICS.register(normalization="absolute", ranges={
+    "pixels_per_cell": Range(1), "orientations": Range(1), "cells_per_block": Range(1)})
 @coarse_threads
 def hog(a: Tensor, b: Tensor, pixels_per_cell: int = 16, orientations: int = 9,
         cells_per_block: int = 3) -> Tensor:

@@ -25,10 +25,10 @@ FAST: dict[str, dict] = {
     "igos_pp": {"iterations": 1, "ig_iter": 2, "size": 8},
 }
 NAMES = sorted(METHODS)
-# Function attributes a method may set (methods/controls.py): ``deterministic = False`` (two
-# calls differ on purpose, e.g. random_uniform) and ``uses_model = False`` (never calls it).
-DETERMINISTIC = [n for n in NAMES if getattr(METHODS[n], "deterministic", True)]
-MODEL_BASED = [n for n in NAMES if getattr(METHODS[n], "uses_model", True)]
+# Facts a method declares at registration (methods/controls.py): ``deterministic=False`` (two
+# calls differ on purpose, e.g. random_uniform) and ``uses_model=False`` (never calls it).
+DETERMINISTIC = [n for n in NAMES if METHODS.facts(n).deterministic]
+MODEL_BASED = [n for n in NAMES if METHODS.facts(n).uses_model]
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+from harness.base.registry import Range
 from harness.cli import descriptions, options, sweep_dir_override
 from harness.data import DATASETS
 from harness.run import take_shard
 from harness.store import claim_run_dir, finished_parts
-from harness.validate import RANGES, check_hparams, check_shard
+from harness.validate import check_hparams, check_shard
 from methods import METHODS
 
 
@@ -42,7 +43,7 @@ def test_bad_hparams(method, hparams, fragment):
 def test_good_hparams_pass():
     check_hparams("smoothgrad", METHODS["smoothgrad"], {"n_samples": 3, "noise_level": 1})
     check_hparams("rectgrad", METHODS["rectgrad"], {"q": None})  # null disables rectification
-    assert RANGES["q"][:2] == (0, 100)
+    assert METHODS.facts("rectgrad").ranges["q"] == Range(0, 100)
 
 
 def test_shards_split_any_dataset_deterministically():
