@@ -45,10 +45,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from checks.registry import CHECKS
 from checks.compensation import compensated
 from checks.input_bias_figures import bias_figure
 from checks.plotting import grid_figures, similarity_figure
+from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, method_hparams, score
 from checks.summary import measurement_summary, similarity_summary
 from harness.base.context import CheckContext, MapRecord

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from checks.registry import CHECKS
 from checks.plotting import grid_figures, similarity_figure
+from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, predict, score_stage
 from harness.base.context import CheckContext, MapRecord
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages

@@ -25,8 +25,8 @@ from dataclasses import replace
 
 import torch
 
-from checks.registry import CHECKS
 from checks.random_labels_figures import ACCURACY_METRICS, bar_figure, grid_figure
+from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, predict, score_stage
 from checks.summary import measurement_summary, similarity_summary
 from harness.base.context import CheckContext, MapRecord, TrainedModel

@@ -16,7 +16,7 @@ from checks import CHECKS
 from harness.data import DATASETS
 from harness.store import config_digest
 from harness.train import DEFAULT_CACHE_DIR, normalize_labels
-from harness.validate import check_hparams, check_shard
+from harness.validate import check_hparams, check_metric_args, check_shard
 from harness.zoo import MODELS
 from methods import METHODS
 from metrics import METRICS, NORMALIZATIONS
@@ -81,10 +81,11 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path) -> RunPlan:
     for name, hparams in methods.items():
         check_hparams(name, METHODS[name], hparams)
     metrics = {name: plain(cfg.metric.get(name)) for name in names["metric"]}
-    normalizations = {name: settings.pop("normalization", "absolute")
+    normalizations = {name: settings.pop("normalization", METRICS.facts(name).normalization)
                       for name, settings in metrics.items()}
-    for normalization in normalizations.values():
-        NORMALIZATIONS[normalization]  # an unknown one fails here, before any compute
+    for name, settings in metrics.items():
+        NORMALIZATIONS[normalizations[name]]  # an unknown one fails here, before any compute
+        check_metric_args(name, METRICS[name], settings)
     dataset_kwargs = plain(cfg.dataset)
     shard = (dataset_kwargs.pop("shard", 0), dataset_kwargs.pop("num_shards", 1))
     check_shard(*shard)

@@ -144,29 +144,27 @@ def build_metrics(plan: RunPlan, map_size: tuple[int, int] | None = None) -> lis
     return specs
 
 
-def fit_metric(name: str, kwargs: dict, map_size: tuple[int, int]) -> dict:
+def fit_metric(name: str, settings: dict, map_size: tuple[int, int]) -> dict:
     """The metric's settings, checked on two random maps of the run's size before any compute.
 
-    HOG cells too large for small maps (the paper's 16-pixel cells need 48x48, MNIST maps are
-    28x28) are halved until they fit, with a warning; any other misfit fails here in one line.
+    Settings that do not fit are adjusted by the metric's declared ``fit`` (with a warning that
+    names what changed); any other misfit fails here in one line.
     """
-    error = _probe_metric(name, kwargs, map_size)
-    if error and name == "hog":
-        fitted = dict(kwargs)
-        while error and fitted.get("pixels_per_cell", 16) > 1:
-            fitted["pixels_per_cell"] = max(1, int(fitted.get("pixels_per_cell", 16)) // 2)
-            error = _probe_metric(name, fitted, map_size)
-        if not error:
-            print(f"[sanity] warning: metric.hog.pixels_per_cell="
-                  f"{kwargs.get('pixels_per_cell', 16)} does not fit {map_size[0]}x{map_size[1]}"
-                  f" maps; using {fitted['pixels_per_cell']} (set metric.hog.pixels_per_cell "
-                  "to choose)")
+    error = _probe_metric(name, settings, map_size)
+    fit = METRICS.facts(name).fit if name in METRICS else None
+    if error and fit is not None:
+        fitted = fit(settings, map_size)
+        if not _probe_metric(name, fitted, map_size):
+            changed = ", ".join(f"metric.{name}.{k}={settings.get(k, 'default')} -> {v}"
+                                for k, v in fitted.items() if settings.get(k) != v)
+            print(f"[sanity] warning: {changed}: the settings do not fit {map_size[0]}x"
+                  f"{map_size[1]} maps (set metric.{name}.* to choose)")
             return fitted
     if error:
-        params = ", ".join(f"metric.{name}.{k}" for k in kwargs) or f"metric.{name}"
+        params = ", ".join(f"metric.{name}.{k}" for k in settings) or f"metric.{name}"
         raise ValueError(f"metric {name} cannot score {map_size[0]}x{map_size[1]} maps: {error} "
                          f"(adjust {params}, or leave {name} out of metric=[...])")
-    return kwargs
+    return settings
 
 
 def _probe_metric(name: str, kwargs: dict, map_size: tuple[int, int]) -> str:

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.base.registry import Range
-from methods.registry import METHODS
 from methods.fold import fold_batchnorm
+from methods.registry import METHODS
 
 CLASS_SETS = ("all", "topk")
 

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.base.registry import Range
-from methods.registry import METHODS
 from methods.common import gaussian_noise, input_gradients, noise_sigma, shared
+from methods.registry import METHODS
 
 # Noise samples, and sigma as a fraction of each input's range (max - min).
 NOISE_RANGES = {"n_samples": Range(1), "noise_level": Range(0, exclusive_low=True)}

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from harness.base.meta import gradcam_layer
-from methods.registry import METHODS
 from methods.common import (
     captured_outputs,
     forward_hooks,
@@ -24,6 +23,7 @@ from methods.common import (
     target_logits,
     upsample_like,
 )
+from methods.registry import METHODS
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.base.registry import Range
-from methods.registry import METHODS
 from methods.common import target_logits
 from methods.fold import fold_batchnorm
+from methods.registry import METHODS
 
 TERMS = ("deletion", "insertion", "deletion", "insertion")  # combined mask twice, then d, i
 TV_BETA = 2  # exponent of the (bilateral) total variation

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from harness.base.registry import Range
-from methods.registry import METHODS
 from methods.common import input_gradients, logit_gradient
 from methods.fold import fold_batchnorm
+from methods.registry import METHODS
 
 # --- Guided Integrated Gradients ---------------------------------------------------------------
 

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from harness.base.registry import Range
-from methods.registry import METHODS
 from methods.common import forward_hooks, input_gradients, shared
+from methods.registry import METHODS
 
 RECTIFIED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 PERCENTILE = Range(0, 100)  # q; null (None) turns the rectification off

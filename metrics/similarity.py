@@ -41,8 +41,8 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from harness.base.registry import Range
-from metrics.registry import METRICS
 from metrics.parallel import by_chunks, coarse_threads
+from metrics.registry import METRICS
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # skimage: an 11-tap window for sigma 1.5, as in Wang et al. 2004
@@ -271,7 +271,8 @@ def _ssim_rows(x: Tensor, y: Tensor, data_range: float) -> Tensor:
     return ssim_map.sum(dim=0).sum(dim=0, dtype=torch.float64) / pixels
 
 
-@METRICS.register(normalization="absolute", ranges={"data_range": Range(0, exclusive_low=True)})
+@METRICS.register(normalization="absolute", title="SSIM",
+                  ranges={"data_range": Range(0, exclusive_low=True)})
 @coarse_threads
 def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """Mean structural similarity (Wang et al. 2004) per row: (B, H, W) x (B, H, W) -> (B,).
@@ -479,7 +480,7 @@ def _spearman(a: Tensor, b: Tensor) -> Tensor:
     return _nan_rows(torch.from_numpy(score), a, b)
 
 
-@METRICS.register(normalization="signed")
+@METRICS.register(normalization="signed", title="Rank correlation (no abs)")
 @coarse_threads
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation over pixels: (B, H, W) x (B, H, W) -> (B,).
@@ -492,7 +493,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return _spearman(a, b)
 
 
-@METRICS.register(normalization="absolute")
+@METRICS.register(normalization="absolute", title="Rank correlation (abs)")
 @coarse_threads
 def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation, configured on absolute-normalized maps (Adebayo et al. 2018,
@@ -501,7 +502,7 @@ def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
     return _spearman(a, b)
 
 
-@METRICS.register(normalization="signed")
+@METRICS.register(normalization="signed", title="Pearson correlation")
 @coarse_threads
 def pearson(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation of the flattened maps: (B, H, W) x (B, H, W) -> (B,); equals
@@ -686,7 +687,21 @@ def hog_features(maps: Tensor, orientations: int = 9,
     return torch.from_numpy(_hog_numpy(maps, *args)).to(maps.device)
 
 
-@METRICS.register(normalization="absolute", ranges={
+def fit_hog(settings: dict, map_size: tuple[int, int]) -> dict:
+    """HOG settings for maps of ``map_size`` (H, W): cells too large for small maps (the paper's
+    16-pixel cells in 3x3 blocks need 48x48 maps; MNIST's are 28x28) halved until a block fits.
+    """
+    fitted = dict(settings)
+    cell = int(fitted.get("pixels_per_cell", 16))
+    block = int(fitted.get("cells_per_block", 3))
+    while cell > 1 and min(map_size) // cell < block:
+        cell = max(1, cell // 2)
+    if cell != int(fitted.get("pixels_per_cell", 16)):
+        fitted["pixels_per_cell"] = cell
+    return fitted
+
+
+@METRICS.register(normalization="absolute", title="HOGs similarity", fit=fit_hog, ranges={
     "pixels_per_cell": Range(1), "orientations": Range(1), "cells_per_block": Range(1)})
 @coarse_threads
 def hog(a: Tensor, b: Tensor, pixels_per_cell: int = 16, orientations: int = 9,

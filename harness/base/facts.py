@@ -74,10 +74,14 @@ def check_ranges(kind: str, name: str, fn: Callable, ranges: Mapping[str, Range]
 @dataclass(frozen=True)
 class MetricFacts:
     """``normalization``: the map normalization (a key of ``metrics.NORMALIZATIONS``) used when
-    the config gives none. ``ranges``: allowed values of its keyword parameters."""
+    the config gives none. ``ranges``: allowed values of its keyword parameters. ``title``:
+    its name in figures (the paper's wording). ``fit``: ``fit(settings, (H, W)) -> settings``
+    adjusting settings that cannot score maps of that size (the runner warns when it does)."""
 
     normalization: str = "absolute"
     ranges: Mapping[str, Range] = field(default_factory=dict)
+    title: str = ""
+    fit: Callable[[dict, tuple[int, int]], dict] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranges", _frozen(self.ranges))
