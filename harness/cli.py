@@ -83,6 +83,7 @@ def _app():
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
         run_dir = Path(hydra_cfg.runtime.output_dir)
         use_allocated_cpus()
+        stop_on_sigterm(run_dir)
         try:
             run(cfg, choices, run_dir)
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -168,6 +169,30 @@ def report_failed_jobs(argv: list[str]) -> int:
     print(f"sanity: error: the sweep is incomplete; see sanity-collect {given[-1]}",
           file=sys.stderr)
     return 1
+
+
+class Stopped(SystemExit):
+    """SIGTERM in a SLURM job: not an error of the run (collect reports it unfinished)."""
+
+
+def stop_on_sigterm(run_dir: Path) -> None:
+    """Inside a SLURM job, SIGTERM (``scancel``, the time limit, preemption) stops the run at
+    once. submitit ignores SIGTERM, so a cancelled job computed on until SLURM's KillWait (30 s
+    by default) and could even finish after squeue said CANCELLED. Finished parts are whole
+    (atomic renames): rerunning the sweep command resumes the job."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    import signal
+
+    def stop(signum, frame):
+        from harness.store import finished_parts
+
+        print(f"[sanity] stopped by SIGTERM (scancel, time limit or preemption): "
+              f"{len(finished_parts(run_dir))} finished parts kept in {run_dir}; rerun the "
+              "command to resume", file=sys.stderr, flush=True)
+        raise Stopped(143)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def use_allocated_cpus() -> None:

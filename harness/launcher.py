@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE", "OUT_OF_MEMORY", "REVOKED", "GONE"}
 GRACE_S = 30.0  # how long a result file may lag behind the job's end (network file systems)
+CANCEL_GRACE_S = 5.0  # squeue says CANCELLED before the job's processes have ended
 EXECUTOR_KEYS = ("submitit_folder", "max_num_timeout")  # given to the executor, not to sbatch
 
 
@@ -138,7 +139,8 @@ def wait(jobs: dict[int, Any], overrides: dict[int, list[str]],
             if state not in ENDED:
                 continue
             ended_at.setdefault(num, time.monotonic())
-            if state == "CANCELLED" or time.monotonic() - ended_at[num] > GRACE_S:
+            grace = CANCEL_GRACE_S if state == "CANCELLED" else GRACE_S
+            if time.monotonic() - ended_at[num] > grace:
                 log.error(f"job {num} (SLURM job {job.job_id}) ended {state} without a result;"
                           " its finished parts are kept: rerun the same command to resume it")
                 returns[num] = _ended(overrides[num])
