@@ -21,7 +21,8 @@ import logging
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
@@ -113,7 +114,7 @@ def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
     longer listed, so ended), or None when squeue cannot answer (then nothing is decided)."""
     try:
         out = subprocess.run(["squeue", "-h", "-r", "--states=all", "--me", "-o", "%i %T"],
-                             capture_output=True, text=True, timeout=60)
+                             check=False, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -146,7 +147,7 @@ def wait(jobs: dict[int, Any], overrides: dict[int, list[str]],
                 returns[num] = _ended(overrides[num])
         if len(returns) < len(jobs):
             # every second at first, then less often: squeue is a shared server's time
-            time.sleep(min(max_poll_s, poll_s + (time.monotonic() - start) / 20))
+            time.sleep(min(max_poll_s, poll_s + (time.monotonic() - start) / 60))
     return returns
 
 

@@ -104,12 +104,19 @@ logs() {
 }
 
 start() {
-    local t0=$SECONDS
+    local t0
+    t0=$(date +%s.%N)
     install_missing
     if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid"; then
         say "already running ($DIR)"
     else
         stop_daemons
+        for port in "$PORT" "$((PORT + 1))"; do
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                say "port $port is in use (another cluster?): choose SLURM_LOCAL_PORT=..."
+                exit 1
+            fi
+        done
         mkdir -p "$DIR/state" "$DIR/spool"
         rm -rf "$DIR/state"/* "$DIR/spool"/*  # a fresh cluster (job ids restart at 1)
         start_munge
@@ -121,6 +128,14 @@ start() {
     export SLURM_CONF=$DIR/slurm.conf
     local deadline=$((SECONDS + START_TIMEOUT))
     until sinfo -h -o %T 2>/dev/null | grep -qx idle; do
+        if ! alive "$DIR/slurmctld.pid" || ! alive "$DIR/slurmd.pid"; then
+            sleep 0.5  # a daemon that exits at once (a port in use, a bad config)
+            if ! alive "$DIR/slurmctld.pid" || ! alive "$DIR/slurmd.pid"; then
+                say "a daemon exited (ports $PORT-$((PORT + 1)) in use? SLURM_LOCAL_PORT=...)"
+                logs
+                exit 1
+            fi
+        fi
         if [ $SECONDS -ge $deadline ]; then
             say "the node is not idle after ${START_TIMEOUT}s: $(sinfo -h -o '%T %E' 2>&1)"
             logs
@@ -128,7 +143,7 @@ start() {
         fi
         sleep 0.2
     done
-    say "up in $((SECONDS - t0))s: partition $PARTITION, $(sinfo -h -o '%c CPUs, %m MB' | head -1)"
+    say "up in $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $t0}") s: partition $PARTITION, $(sinfo -h -o '%c CPUs, %m MB' | head -1)"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 

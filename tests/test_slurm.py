@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_resume import run_in_process, table  # the in-process reference run
 
-from harness.collect import collect
-from test_resume import run_in_process, table
+from harness.collect import main as collect_main
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/sanity-slurm"))
@@ -47,8 +47,8 @@ def slurm_env() -> dict:
     if "SLURM_CONF" not in env and (LOCAL_DIR / "slurm.conf").is_file():
         env["SLURM_CONF"] = str(LOCAL_DIR / "slurm.conf")
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], env=env, capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], env=env, check=False,
+                             capture_output=True, text=True, timeout=30)
         states = [line.split() for line in out.stdout.splitlines() if line.strip()]
         reason = out.stderr.strip() or "no partition with an idle or mixed node"
     except (OSError, subprocess.SubprocessError) as err:
@@ -65,9 +65,9 @@ def slurm_env() -> dict:
 def sanity(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     launcher = ["-m", "hydra/launcher=slurm", f"hydra.launcher.partition={env['PARTITION']}",
                 "hydra.launcher.timeout_min=10"]
-    handle = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *launcher, *args], cwd=cwd,
-                            env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "harness.cli", *launcher, *args],
+                                cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def finish(process: subprocess.Popen, log: Path, status: int) -> str:
@@ -77,10 +77,11 @@ def finish(process: subprocess.Popen, log: Path, status: int) -> str:
     return text
 
 
-def sanity_collect(sweep: Path, env: dict) -> tuple[int, str]:
-    out = subprocess.run([sys.executable, "-m", "harness.collect", str(sweep)], env=env,
-                         capture_output=True, text=True, timeout=120)
-    return out.returncode, out.stdout + out.stderr
+def sanity_collect(sweep: Path, capsys) -> tuple[int, str]:
+    """``sanity-collect SWEEP`` (its main, in this process): exit status and output."""
+    capsys.readouterr()
+    status = collect_main([str(sweep)])
+    return status, capsys.readouterr().out
 
 
 def wait_for(predicate, what: str, seconds: float = 180):
@@ -97,7 +98,8 @@ def parts(job_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (job_dir / "rows").glob("part-*.parquet")}
 
 
-def test_slurm_sharded_sweep_cancel_resume_collect(slurm_env, tmp_path):
+def test_slurm_sharded_sweep_cancel_resume_collect(slurm_env, tmp_path, record_property,
+                                                   capsys):
     env = slurm_env
     sweeps = tmp_path / "results" / "sweeps"
     whole = table(run_in_process(BASE + ["method=[gradient]"], tmp_path / "whole"))
@@ -107,10 +109,10 @@ def test_slurm_sharded_sweep_cancel_resume_collect(slurm_env, tmp_path):
     tic = time.monotonic()
     args = BASE + ["method=[gradient]", "dataset.shard=0,1,2,3", "dataset.num_shards=4"]
     out = finish(sanity(args, tmp_path, env, tmp_path / "a.log"), tmp_path / "a.log", 0)
-    print(f"sharded sweep on SLURM: {time.monotonic() - tic:.1f} s")
+    record_property("sharded sweep", time.monotonic() - tic)
     assert re.search(r"submitted 4 jobs to SLURM \(#0: \d+_0, #1: \d+_1", out), out
     (sweep_a,) = sweeps.iterdir()
-    status, report = sanity_collect(sweep_a, env)
+    status, report = sanity_collect(sweep_a, capsys)
     assert status == 0 and "4 of 4 jobs finished" in report, report
     rows = pd.read_parquet(sweep_a / "collected.parquet")
     assert rows.groupby("job")["sample"].agg(lambda s: sorted(set(s))).to_dict() == {
@@ -132,12 +134,12 @@ def test_slurm_sharded_sweep_cancel_resume_collect(slurm_env, tmp_path):
     out = finish(process, tmp_path / "b.log", 1)
     assert f"job 0 (SLURM job {submitted[1]}) ended CANCELLED without a result" in out, out
     assert "sanity: job 0 unfinished" in out and "sanity: job 2 failed: dataset.shard" in out
-    status, report = sanity_collect(sweep_b, env)
+    status, report = sanity_collect(sweep_b, capsys)
     assert status == 1, report
     assert "1 of 3 jobs finished" in report and "job 0 unfinished" in report, report
     failed = [line for line in report.splitlines() if line.startswith("job 2 failed: ")]
-    assert failed == ["job 2 failed: dataset.shard must be an integer in [0, 1] for "
-                      "dataset.num_shards=2, got 2"], report
+    assert failed == [("job 2 failed: dataset.shard must be an integer in [0, 1] for "
+                       "dataset.num_shards=2, got 2")], report
     kept = parts(sweep_b / "0")
     assert 0 < len(kept) < 4 * 2, kept  # cancelled mid-run: some of 4 stages x 2 methods
     assert not (sweep_b / "0" / "run.json").exists()
@@ -145,14 +147,14 @@ def test_slurm_sharded_sweep_cancel_resume_collect(slurm_env, tmp_path):
     # 3. the same command again: only the cancelled job's missing parts are computed
     tic = time.monotonic()
     out = finish(sanity(args, tmp_path, env, tmp_path / "c.log"), tmp_path / "c.log", 1)
-    print(f"resumed sweep on SLURM: {time.monotonic() - tic:.1f} s")
+    record_property("resumed sweep", time.monotonic() - tic)
     assert "job 1 finished earlier (same config): not submitted again" in out, out
     assert "submitted 2 jobs to SLURM" in out, out
     assert (f"done: {len(kept)} parts kept, {8 - len(kept)} parts computed, "
             f"{(8 - len(kept)) * 4} rows") in out, out
     after = parts(sweep_b / "0")
     assert len(after) == 8 and all(after[name] == kept[name] for name in kept)
-    status, report = sanity_collect(sweep_b, env)
+    status, report = sanity_collect(sweep_b, capsys)
     assert status == 1 and "2 of 3 jobs finished" in report, report
     assert "unfinished" not in report and "job 2 failed: dataset.shard" in report, report
     rows = pd.read_parquet(sweep_b / "collected.parquet")
