@@ -1,7 +1,7 @@
 """The SLURM launcher of ``conf/hydra/launcher/slurm.yaml``: hydra-submitit-launcher's
 ``submitit_slurm``, with what a real cluster showed it lacks. (Hydra takes launcher classes only
 from its ``hydra_plugins`` namespace: the class is ``hydra_plugins/sanity_harness_launcher.py``,
-its code is here.)
+its ``launch`` is :func:`launch` here.)
 
 * It waits for every job, and a job that ends without a result (``scancel``, a node failure, a
   wall-time or memory kill) is one log line, not a traceback. submitit asks ``sacct`` for a job's
@@ -20,14 +20,13 @@ import json
 import logging
 import subprocess
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
@@ -41,65 +40,64 @@ CANCEL_GRACE_S = 5.0  # squeue says CANCELLED before the job's processes have en
 EXECUTOR_KEYS = ("submitit_folder", "max_num_timeout")  # given to the executor, not to sbatch
 
 
-class WaitingSlurmLauncher(SlurmLauncher):
-    """``submitit_slurm`` that waits for every job and skips jobs finished earlier."""
+def launch(self, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> Sequence[JobReturn]:
+    """The launcher's ``launch`` (``self``: the hydra-submitit SlurmLauncher, set up by Hydra):
+    submit the jobs with work left, wait for every one, return their JobReturns."""
+    import submitit
 
-    def launch(self, job_overrides: Sequence[Sequence[str]],
-               initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
+    assert self.config is not None
+    sweep_dir = Path(str(self.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    returns: dict[int, JobReturn] = {}
+    todo: list[tuple[int, list[str]]] = []
+    earlier = any(sweep_dir.glob("*/run.json"))  # else no job can have finished earlier
+    for num, overrides in enumerate(job_overrides, initial_job_idx):
+        if earlier and _finished_earlier(self, num, list(overrides)):
+            log.info(f"job {num} finished earlier (same config): not submitted again")
+            returns[num] = _ended(overrides)
+        else:
+            todo.append((num, list(overrides)))
+    if todo:
+        executor = submitit.AutoExecutor(
+            cluster="slurm", folder=self.params["submitit_folder"],
+            slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{key if key in base else f"slurm_{key}": value
+                                      for key, value in self.params.items()
+                                      if key not in EXECUTOR_KEYS})
+        state = Singleton.get_state()
+        jobs = executor.map_array(self, *zip(*[
+            (overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", state)
+            for num, overrides in todo]))
+        log.info(f"submitted {len(jobs)} jobs to SLURM "
+                 f"({', '.join(f'#{num}: {job.job_id}' for (num, _), job in zip(todo, jobs))});"
+                 f" sweep dir {sweep_dir}")
+        returns.update(wait(dict(zip([num for num, _ in todo], jobs)), dict(todo)))
+    return [returns[num] for num in sorted(returns)]
 
-        assert self.config is not None
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        returns: dict[int, JobReturn] = {}
-        todo: list[tuple[int, list[str]]] = []
-        earlier = any(sweep_dir.glob("*/run.json"))  # else no job can have finished earlier
-        for num, overrides in enumerate(job_overrides, initial_job_idx):
-            if earlier and self._finished_earlier(num, list(overrides)):
-                log.info(f"job {num} finished earlier (same config): not submitted again")
-                returns[num] = _ended(overrides)
-            else:
-                todo.append((num, list(overrides)))
-        if todo:
-            executor = submitit.AutoExecutor(
-                cluster="slurm", folder=self.params["submitit_folder"],
-                slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
-            base = set(OmegaConf.structured(BaseQueueConf).keys())
-            executor.update_parameters(**{key if key in base else f"slurm_{key}": value
-                                          for key, value in self.params.items()
-                                          if key not in EXECUTOR_KEYS})
-            state = Singleton.get_state()
-            jobs = executor.map_array(self, *zip(*[
-                (overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", state)
-                for num, overrides in todo]))
-            log.info(f"submitted {len(jobs)} jobs to SLURM "
-                     f"({', '.join(f'#{num}: {job.job_id}' for (num, _), job in zip(todo, jobs))});"
-                     f" sweep dir {sweep_dir}")
-            returns.update(wait(dict(zip([num for num, _ in todo], jobs)),
-                                dict(todo)))
-        return [returns[num] for num in sorted(returns)]
 
-    def _finished_earlier(self, num: int, overrides: list[str]) -> bool:
-        """The job's run dir holds a finished run (run.json) of the job's very config."""
-        from harness.store import CLAIM, config_digest
+def _finished_earlier(self, num: int, overrides: list[str]) -> bool:
+    """The job's run dir holds a finished run (run.json) of the job's very config."""
+    from harness.store import CLAIM, config_digest
 
-        try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            with open_dict(cfg.hydra.job):
-                cfg.hydra.job.num = num
-            run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-            if str(cfg.get("resume", "auto")).lower() == "false":
-                return False
-            if not (run_dir / "run.json").is_file() or not (run_dir / CLAIM).is_file():
-                return False
-            config = {key: OmegaConf.to_container(cfg[key], resolve=True)
-                      if OmegaConf.is_config(cfg[key]) else cfg[key]
-                      for key in cfg if key != "hydra"}
-            claimed = json.loads((run_dir / CLAIM).read_text())["config_digest"]
-            return claimed == config_digest(config)
-        except Exception as err:  # noqa: BLE001 (any doubt: submit the job, it resumes itself)
-            log.debug(f"job {num}: cannot tell whether it finished earlier ({err}); submitting")
+    try:
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = num
+        run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        if str(cfg.get("resume", "auto")).lower() == "false":
             return False
+        if not (run_dir / "run.json").is_file() or not (run_dir / CLAIM).is_file():
+            return False
+        config = {key: OmegaConf.to_container(cfg[key], resolve=True)
+                  if OmegaConf.is_config(cfg[key]) else cfg[key]
+                  for key in cfg if key != "hydra"}
+        claimed = json.loads((run_dir / CLAIM).read_text())["config_digest"]
+        return claimed == config_digest(config)
+    except Exception as err:  # noqa: BLE001 (any doubt: submit the job, it resumes itself)
+        log.debug(f"job {num}: cannot tell whether it finished earlier ({err}); submitting")
+        return False
 
 
 def _ended(overrides: Sequence[str], value: Any = None) -> JobReturn:

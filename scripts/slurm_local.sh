@@ -127,7 +127,7 @@ start() {
     fi
     export SLURM_CONF=$DIR/slurm.conf
     local deadline=$((SECONDS + START_TIMEOUT))
-    until sinfo -h -o %T 2>/dev/null | grep -qx idle; do
+    until sinfo -h -o %T 2>/dev/null | grep -qxE "idle|mixed|allocated|completing"; do
         if ! alive "$DIR/slurmctld.pid" || ! alive "$DIR/slurmd.pid"; then
             sleep 0.5  # a daemon that exits at once (a port in use, a bad config)
             if ! alive "$DIR/slurmctld.pid" || ! alive "$DIR/slurmd.pid"; then
@@ -137,7 +137,7 @@ start() {
             fi
         fi
         if [ $SECONDS -ge $deadline ]; then
-            say "the node is not idle after ${START_TIMEOUT}s: $(sinfo -h -o '%T %E' 2>&1)"
+            say "the node is not up after ${START_TIMEOUT}s: $(sinfo -h -o '%T %E' 2>&1)"
             logs
             exit 1
         fi
