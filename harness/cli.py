@@ -18,6 +18,7 @@ the command's overrides (the launcher left out: a sweep started locally resumes 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -86,9 +87,14 @@ def _app():
     from omegaconf import DictConfig, OmegaConf
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+<<<<<<< HEAD
     def app(cfg: DictConfig) -> None:
         from harness.allocator import tune_allocator
         from harness.base.registry import UnknownNameError
+=======
+    def app(cfg: DictConfig) -> str | None:
+        from harness.registry import UnknownNameError
+>>>>>>> issue16
         from harness.run import run, summary
         from harness.store import record_failure
 
@@ -99,6 +105,8 @@ def _app():
         hydra_cfg = HydraConfig.get()
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        use_allocated_cpus()
+        stop_on_sigterm(run_dir)
         try:
             run(cfg, choices, run_dir)
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -107,9 +115,16 @@ def _app():
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 return  # the other jobs go on; main() and sanity-collect report the failure
             sys.exit(2)
+        except Exception as err:  # a bug: the traceback goes to the log, one line to collect
+            record_failure(run_dir, f"{type(err).__name__}: {err} (traceback in the job's log)")
+            raise
         print(summary(run_dir))
         print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}"
               f"\n[sanity] figures: {run_dir / 'figures'}")
+        record = json.loads((run_dir / "run.json").read_text())
+        # what a launcher logs for the job: a sweep on a cluster shows what each job did
+        return (f"{record['parts_kept']} parts kept, {record['parts_computed']} parts computed, "
+                f"{record['rows']} rows ({run_dir})")
 
     return app
 
@@ -174,17 +189,55 @@ def main() -> None:
 
 
 def report_failed_jobs(argv: list[str]) -> int:
-    """After a sweep: one line naming the failed jobs (status 1), or nothing (status 0)."""
-    from harness.store import FAILED
+    """After a sweep: one line per job that failed (with its error), is unfinished (cancelled,
+    killed) or missing, and status 1; nothing and status 0 when every job finished."""
+    from harness.collect import sweep_report
 
     given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
-    if not given:
+    if not given or not Path(given[-1]).is_dir():
         return 0
-    failed = sorted(p.parent.name for p in Path(given[-1]).glob(f"*/{FAILED}"))
-    if failed:
-        print(f"sanity: error: {len(failed)} job(s) failed ({', '.join(failed)}); see "
-              f"sanity-collect {given[-1]}", file=sys.stderr)
-    return 1 if failed else 0
+    report = sweep_report(given[-1])
+    if report.complete:
+        return 0
+    for line in report.lines():
+        print(f"sanity: {line}", file=sys.stderr)
+    print(f"sanity: error: the sweep is incomplete; see sanity-collect {given[-1]}",
+          file=sys.stderr)
+    return 1
+
+
+class Stopped(SystemExit):
+    """SIGTERM in a SLURM job: not an error of the run (collect reports it unfinished)."""
+
+
+def stop_on_sigterm(run_dir: Path) -> None:
+    """Inside a SLURM job, SIGTERM (``scancel``, the time limit, preemption) stops the run at
+    once. submitit ignores SIGTERM, so a cancelled job computed on until SLURM's KillWait (30 s
+    by default) and could even finish after squeue said CANCELLED. Finished parts are whole
+    (atomic renames): rerunning the sweep command resumes the job."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    import signal
+
+    def stop(signum, frame):
+        from harness.store import finished_parts
+
+        print(f"[sanity] stopped by SIGTERM (scancel, time limit or preemption): "
+              f"{len(finished_parts(run_dir))} finished parts kept in {run_dir}; rerun the "
+              "command to resume", file=sys.stderr, flush=True)
+        raise Stopped(143)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def use_allocated_cpus() -> None:
+    """Inside a SLURM job, torch uses the job's CPUs (``cpus_per_task``), not every core of the
+    node: without cgroups a job sees the whole node, and jobs sharing it oversubscribe it."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(int(cpus))
 
 
 def descriptions() -> dict[str, dict[str, str]]:

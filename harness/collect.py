@@ -81,18 +81,23 @@ def collect(sweep_dir: Path | str) -> tuple[pd.DataFrame, SweepReport]:
     ``per_model_metrics``, e.g. the accuracies of trained models) come once per model, not once
     per shard."""
     sweep_dir = Path(sweep_dir)
+    tables = [read_rows(job).assign(job=job.name) for job in run_dirs(sweep_dir)
+              if any((job / ROWS).glob("*.parquet"))]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return _once_per_model(table), sweep_report(sweep_dir)
+
+
+def sweep_report(sweep_dir: Path | str) -> SweepReport:
+    """Which jobs of a sweep finished, failed (with the error), are unfinished or missing."""
+    sweep_dir = Path(sweep_dir)
     jobs = run_dirs(sweep_dir)
     report = SweepReport(expected=expected_jobs(sweep_dir))
-    tables = []
     for job in jobs:
         _classify(job, report)
-        if any((job / ROWS).glob("*.parquet")):
-            tables.append(read_rows(job).assign(job=job.name))
     if report.expected is not None:
         seen = {j.name for j in jobs}
         report.missing = [str(i) for i in range(report.expected) if str(i) not in seen]
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    return _once_per_model(table), report
+    return report
 
 
 def _classify(job: Path, report: SweepReport) -> None:

@@ -29,3 +29,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The SLURM integration test's outcome in one line at the end of the run (with -q a pass is a
+# dot and a skip's reason is hidden): passed with its timings, or skipped with how to run it.
+_slurm_reports = []
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid.startswith("tests/test_slurm.py") and (report.when == "call"
+                                                            or not report.passed):
+        _slurm_reports.append(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for report in _slurm_reports:
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            terminalreporter.write_line(f"SLURM integration test skipped: "
+                                        f"{reason.removeprefix('Skipped: ')}")
+        else:
+            timings = ", ".join(f"{k} {v:.1f} s" for k, v in report.user_properties)
+            terminalreporter.write_line(f"SLURM integration test {report.outcome} on a real "
+                                        f"cluster ({timings})")

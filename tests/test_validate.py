@@ -102,6 +102,7 @@ def test_list_describes_every_choice():
                                       "slurm"])
 def test_launchers_compose(launcher):
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from harness.cli import CONF_DIR
 
@@ -111,9 +112,13 @@ def test_launchers_compose(launcher):
     assert cfg.hydra.launcher._target_.split(".")[-1] == {
         "basic": "BasicLauncher", "joblib": "JoblibLauncher",
         "submitit_local": "LocalLauncher"}.get(launcher, "SlurmLauncher")
-    if launcher == "slurm":  # the example's fields, as documented in the README
-        assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
-        assert cfg.hydra.launcher.timeout_min == 240 and cfg.hydra.launcher.mem_gb == 32
+    if launcher == "slurm":  # the defaults documented in the README: they run on any cluster
+        assert cfg.hydra.launcher._target_ == "hydra_plugins.sanity_harness_launcher.SlurmLauncher"
+        assert cfg.hydra.launcher.partition is None and cfg.hydra.launcher.gpus_per_node == 0
+        assert cfg.hydra.launcher.cpus_per_task == 1 and cfg.hydra.launcher.mem_gb == 4
+        assert cfg.hydra.launcher.timeout_min == 240
+        folder = OmegaConf.to_container(cfg.hydra.launcher)["submitit_folder"]
+        assert folder.startswith("${hydra.sweep.dir}/.submitit/${now:")  # fresh per submission
 
 
 def test_input_size_probe_names_model_shape_and_dataset():
