@@ -51,7 +51,7 @@ from checks.plotting import grid_figures, similarity_figure
 from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, method_hparams, score
 from checks.summary import measurement_summary, similarity_summary
-from harness.base.context import CheckContext, MapRecord
+from harness.base.context import CheckContext, MapRecord, StageDone
 from harness.base.randomize import restored
 from metrics import METRICS
 
@@ -136,6 +136,7 @@ def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
             yield from intensity_rows(
                 todo[0], {m: ref.maps[m] for m in todo[0].methods}, x,
                 {**ref.base, "stage": "original", "stage_index": 0}, explained, dark_fraction)
+        yield StageDone(0)
         for index, change in enumerate(changes, start=1):
             yield from _changed_input(todo[index], change, index, ref)
 
@@ -167,6 +168,7 @@ def _changed_input(ctx: CheckContext, change: InputChange, index: int,
     yield from _maps(ctx, maps, change.stage, index)
     if ref.intensity:
         yield from intensity_rows(ctx, maps, shifted, base, ref.target, ref.dark_fraction)
+    yield StageDone(index)
 
 
 def _validate(probes, encodings, target: str, dark_fraction: float) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.base.context import CheckContext, MapRecord
+from harness.base.context import CheckContext, MapRecord, StageDone
 from methods.common import shared_pieces
 from metrics import NORMALIZATIONS
 from metrics.normalize import is_constant
@@ -70,11 +70,13 @@ def score(ctx: CheckContext, maps: dict, reference: dict, base: dict,
 
 
 def score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, index: int,
-                target: torch.Tensor, with_maps: bool = False) -> Iterator[dict | MapRecord]:
+                target: torch.Tensor, with_maps: bool = False
+                ) -> Iterator[dict | MapRecord | StageDone]:
     """Explain the inputs with the model as it is now and score every method against its
     ``references`` maps (:func:`explain_all` output): one unit of rows per method, followed by
     its map record when ``with_maps``. ``knobs`` are columns of every row (``check`` among
-    them); methods not in ``ctx.methods`` (finished units of a resumed run) are skipped."""
+    them); methods not in ``ctx.methods`` (finished units of a resumed run) are skipped. Ends
+    with :class:`StageDone`: the stage's units are written at once."""
     if not ctx.methods:
         return
     stage_maps = explain_all(ctx, target)
@@ -83,6 +85,7 @@ def score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, in
         yield from score(ctx, maps, references[method], base, target)
         if with_maps:
             yield map_record(ctx, maps, knobs["check"], method, stage, index)
+    yield StageDone(index)
 
 
 def method_hparams(method) -> str:

@@ -87,14 +87,9 @@ def _app():
     from omegaconf import DictConfig, OmegaConf
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-<<<<<<< HEAD
-    def app(cfg: DictConfig) -> None:
+    def app(cfg: DictConfig) -> str | None:
         from harness.allocator import tune_allocator
         from harness.base.registry import UnknownNameError
-=======
-    def app(cfg: DictConfig) -> str | None:
-        from harness.registry import UnknownNameError
->>>>>>> issue16
         from harness.run import run, summary
         from harness.store import record_failure
 

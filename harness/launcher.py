@@ -1,6 +1,7 @@
 """The SLURM launcher of ``conf/hydra/launcher/slurm.yaml``: hydra-submitit-launcher's
 ``submitit_slurm``, with what a real cluster showed it lacks. (Hydra takes launcher classes only
-from its ``hydra_plugins`` namespace: the class is ``hydra_plugins/sanity_harness_launcher.py``,
+from its ``hydra_plugins`` namespace: the class is in ``harness/hydra_plugins/``, installed as
+``hydra_plugins.sanity_harness_launcher``;
 its ``launch`` is :func:`launch` here.)
 
 * It waits for every job, and a job that ends without a result (``scancel``, a node failure, a

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.base.context import REQUIRED_COLUMNS, CheckFacts, MapRecord
+from harness.base.context import REQUIRED_COLUMNS, CheckFacts, MapRecord, StageDone
 from harness.data import Dataset
 
 if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits
@@ -55,9 +55,10 @@ class RunStore:
     finished units; rows of a finished unit are a check's bug and raise.
 
     Rows are completed with the check's declared columns (so every part has one schema) and
-    may carry no other. A unit's rows are buffered until the check moves to another value of
-    the unit's first column (the next stage) or ends, so within a stage they may come in any
-    order; an interrupted run keeps every stage it finished.
+    may carry no other. A unit's rows are buffered until the check says the stage is done
+    (:class:`StageDone`), moves to another value of the unit's first column (the next stage)
+    or ends, so within a stage they may come in any order; an interrupted run keeps every stage
+    the check finished.
     """
 
     def __init__(self, run_dir: Path, common: dict, facts: CheckFacts = CheckFacts()):
@@ -84,9 +85,11 @@ class RunStore:
         name = part_name((check, *values))
         return name in self.done or name in self.written
 
-    def add(self, item: dict | MapRecord | None) -> None:
+    def add(self, item: dict | MapRecord | StageDone | None) -> None:
         if isinstance(item, MapRecord):
             self.write_maps(item)
+        elif isinstance(item, StageDone):
+            self.flush()
         elif item is not None:
             unit = self.unit_of(item)
             stage = unit[1] if len(unit) > 1 else None

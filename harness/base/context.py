@@ -66,6 +66,15 @@ class CheckContext:
         return replace(self, methods=methods)
 
 
+@dataclass(frozen=True)
+class StageDone:
+    """Yielded by a check after the last row of a stage: the stage's units are complete and
+    are written at once, so an interruption during the next stage keeps them. (Without it a
+    stage is written when the next one starts or the check ends.)"""
+
+    stage_index: int
+
+
 @dataclass
 class MapRecord:
     """Normalized maps of the first samples at one stage, for figure grids."""

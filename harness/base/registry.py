@@ -101,6 +101,12 @@ class Registry(dict):
         self[name] = fn
         self._facts[name] = entry_facts
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (a test's or a notebook's own, when it is done with it)."""
+        self[name]  # an unknown name raises UnknownNameError
+        del self[name]
+        self._facts.pop(name, None)
+
     def facts(self, name: str):
         """The facts ``name`` was registered with (defaults of the kind when none were given)."""
         self[name]  # an unknown name raises UnknownNameError
