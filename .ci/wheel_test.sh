@@ -45,7 +45,13 @@ confs = {p for p in wanted if p.startswith("conf/")}
 (sdist,), (wheel,) = dist.glob("*.tar.gz"), dist.glob("*.whl")
 in_sdist = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
 in_wheel = set(zipfile.ZipFile(wheel).namelist())
-as_installed = {"harness/" + p if p.startswith("conf/") else p for p in wanted}
+def installed_as(path: str) -> str:  # conf/ -> harness/conf/, Hydra's namespace to its own
+    if path.startswith("conf/"):
+        return "harness/" + path
+    return path.removeprefix("harness/") if path.startswith("harness/hydra_plugins/") else path
+
+
+as_installed = {installed_as(p) for p in wanted}
 missing = sorted(wanted - in_sdist) + sorted(as_installed - in_wheel)
 if missing:
     sys.exit(f"wheel-test: missing from {sdist.name} / {wheel.name} (a new conf/ folder needs "

@@ -90,7 +90,7 @@ def score_stage(ctx: CheckContext, references: dict, knobs: dict, stage: str, in
 
 def method_hparams(method) -> str:
     """The method's own hyperparameters as sorted JSON, e.g. ``{"classes": "all", "k": 10}``:
-    the keywords the runner bound with ``functools.partial``, without the run-wide
+    the keywords the runner bound (``harness.run.BoundMethod``), without the run-wide
     ``internal_batch_size`` and ``seed`` (their own columns / run.json); ``{}`` otherwise."""
     keywords = getattr(method, "keywords", None) or {}
     own = {k: v for k, v in keywords.items() if k not in ("internal_batch_size", "seed")}

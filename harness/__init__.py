@@ -5,3 +5,13 @@ randomization), with the model zoo (:mod:`harness.zoo`) and the datasets (:mod:`
 Importing it changes nothing in the process; :func:`harness.allocator.tune_allocator` is the
 opt-in for faster CPU memory (the ``sanity`` command applies it).
 """
+
+
+def __getattr__(name: str):
+    """``harness.evaluate`` (:func:`harness.api.evaluate`), imported on first use: importing
+    ``harness`` stays light."""
+    if name == "evaluate":
+        from harness.api import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

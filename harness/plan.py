@@ -7,12 +7,15 @@ config goes no further than :func:`make_plan`: the runner's functions take the p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from checks import CHECKS
+from harness.base.dataset import Dataset
 from harness.data import DATASETS
 from harness.store import config_digest
 from harness.train import DEFAULT_CACHE_DIR, normalize_labels
@@ -24,6 +27,16 @@ from metrics import METRICS, NORMALIZATIONS
 GROUPS = ("model", "dataset", "method", "check", "metric")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME = ("auto", "true", "false")
+
+
+@dataclass(frozen=True)
+class Given:
+    """Objects given from Python (:func:`harness.evaluate`) or built from a ``_target_`` in the
+    config, in place of registry entries: a model, a dataset, methods by name."""
+
+    model: nn.Module | None = None
+    data: Dataset | None = None
+    methods: dict[str, Callable] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class RunPlan:
     train_labels: str | None = None  # train the model first: "true" | "random" | None
     cache_dir: str = DEFAULT_CACHE_DIR
     config: dict = field(default_factory=dict)  # the resolved config, recorded in run.json
+    given: Given = field(default_factory=Given, compare=False)
 
     @property
     def names(self) -> dict[str, list[str]]:
@@ -73,13 +87,21 @@ class RunPlan:
         return CHECKS.facts(self.check).trains_models or bool(self.train_labels)
 
 
-def make_plan(cfg: DictConfig, choices: dict, run_dir: Path) -> RunPlan:
-    """Decode and validate a composed config (``choices``: Hydra's group choices)."""
+def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Given()) -> RunPlan:
+    """Decode and validate a composed config (``choices``: Hydra's group choices). ``given``
+    holds objects passed from Python; a ``_target_`` in a model or method config names a
+    user's function instead of a registry entry."""
     names = {group: selected(cfg, choices, group) for group in GROUPS}
-    check_registered(names)
+    model_kwargs = plain(cfg.model)
+    if given.model is not None or "_target_" in model_kwargs:
+        names["model"] = [str(model_kwargs.get("name") or model_kwargs.get("_target_"))]
+    given = replace(given, methods={**given.methods, **targeted_methods(cfg, names["method"])})
+    check_registered({group: [n for n in group_names if not external(group, n, given, cfg)]
+                      for group, group_names in names.items()})
     methods = {name: plain(cfg.method.get(name)) for name in names["method"]}
     for name, hparams in methods.items():
-        check_hparams(name, METHODS[name], hparams)
+        hparams.pop("_target_", None), hparams.pop("_function_", None)  # where, not how
+        check_hparams(name, given.methods.get(name) or METHODS[name], hparams)
     metrics = {name: plain(cfg.metric.get(name)) for name in names["metric"]}
     normalizations = {name: settings.pop("normalization", METRICS.facts(name).normalization)
                       for name, settings in metrics.items()}
@@ -89,21 +111,71 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path) -> RunPlan:
     dataset_kwargs = plain(cfg.dataset)
     shard = (dataset_kwargs.pop("shard", 0), dataset_kwargs.pop("num_shards", 1))
     check_shard(*shard)
+    check_kwargs = plain(cfg.check)
+    check_keys("check", names["check"][0], CHECKS[names["check"][0]], check_kwargs, skip=1)
+    if given.model is None and "_target_" not in model_kwargs:
+        check_keys("model", names["model"][0], MODELS[names["model"][0]], model_kwargs,
+                   also=("name",))
+    if given.data is None:
+        check_keys("dataset", names["dataset"][0], DATASETS[names["dataset"][0]],
+                   dataset_kwargs, also=("data_config",))
     train = plain(cfg.get("train"))
     return RunPlan(
         run_dir=Path(run_dir), model=names["model"][0], dataset=names["dataset"][0],
         check=names["check"][0], methods=methods, metrics=metrics,
-        normalizations=normalizations, model_kwargs=plain(cfg.model),
-        model_label=str(cfg.model.get("name", names["model"][0])),
+        normalizations=normalizations, model_kwargs=model_kwargs,
+        model_label=str(model_kwargs.get("name", names["model"][0])),
         dataset_kwargs=dataset_kwargs, shard=shard[0], num_shards=shard[1],
-        check_kwargs=plain(cfg.check), seed=int(cfg.seed), device=device_name(cfg.device),
+        check_kwargs=check_kwargs, seed=int(cfg.seed), device=device_name(cfg.device),
         batch_size=int(cfg.batch_size), internal_batch_size=int(cfg.internal_batch_size),
         n_maps=int(cfg.n_maps), progress=bool(cfg.progress), figures=bool(cfg.figures),
         flush_denormal=bool(cfg.get("flush_denormal", False)),
         resume=resume_mode(cfg.get("resume", "auto")), train=train,
         train_labels=normalize_labels(train.get("labels")),
         cache_dir=str(cfg.get("cache_dir") or DEFAULT_CACHE_DIR),
-        config=OmegaConf.to_container(cfg, resolve=True))
+        config=OmegaConf.to_container(cfg, resolve=True), given=given)
+
+
+def external(group: str, name: str, given: Given, cfg: DictConfig) -> bool:
+    """Not a registry entry: an object given from Python or a config's ``_target_``."""
+    if group == "model":
+        return given.model is not None or "_target_" in cfg.model
+    if group == "dataset":
+        return given.data is not None
+    return group == "method" and name in given.methods
+
+
+def targeted_methods(cfg: DictConfig, names: list[str]) -> dict[str, Callable]:
+    """Methods whose config names a function with ``_target_`` (a module on ``PYTHONPATH``)."""
+    from hydra.utils import get_method
+
+    found = {}
+    for name in names:
+        target = (cfg.method.get(name) or {}).get("_target_")
+        if target:
+            try:
+                found[name] = get_method(target)
+            except Exception as err:  # Hydra wraps the ImportError in its own
+                raise ValueError(f"method.{name}._target_={target}: cannot import it "
+                                 f"({str(err).strip().splitlines()[0]}); is its module on "
+                                 "PYTHONPATH?") from None
+    return found
+
+
+def check_keys(group: str, name: str, fn: Callable, kwargs: dict, skip: int = 0,
+               also: tuple[str, ...] = ()) -> None:
+    """Every key of ``<group>`` is a named parameter of the entry's function (after its first
+    ``skip`` positional ones): a typo such as ``+model.nmae=...`` fails instead of being
+    swallowed by a ``**kwargs``."""
+    import inspect
+
+    params = [p for p in list(inspect.signature(fn).parameters.values())[skip:]
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    valid = [p.name for p in params] + [a for a in also if a not in {p.name for p in params}]
+    for key in kwargs:
+        if key not in valid:
+            raise ValueError(f"{group}.{key}: unknown key of {group} {name}; valid keys: "
+                             f"{', '.join(v for v in valid if v != 'data_config') or 'none'}")
 
 
 def selected(cfg: DictConfig, choices: dict, group: str) -> list[str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from checks import CHECKS
 from checks.summary import similarity_summary
 from harness.base.context import CheckContext, MetricSpec
-from harness.base.meta import model_meta
+from harness.base.meta import attach_meta, fallback_meta, model_meta
 from harness.data import DATASETS, Dataset
 from harness.plan import RunPlan, make_plan
 from harness.store import RunStore, claim_run_dir, read_rows
@@ -93,13 +93,13 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
     """The model, the data (this shard), the bound methods and metrics, the trainer; a model
     trained first when ``train.labels`` asks for it."""
     tic = time.perf_counter()
-    model = MODELS[plan.model](**plan.model_kwargs).to(device)
+    model = build_model(plan).to(device)
     methods = bind_methods(plan)
     check_model_needs(model, plan.model_label, methods)
     timings["load_model_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    data = take_shard(load_data(plan, model, split="test" if plan.trains else None),
-                      plan.shard, plan.num_shards)
+    data = plan.given.data or load_data(plan, model, split="test" if plan.trains else None)
+    data = take_shard(data, plan.shard, plan.num_shards)
     data.inputs = data.inputs.to(device)
     check_input_size(model, plan.model_label, data.inputs, plan.dataset)
     metrics = build_metrics(plan, tuple(data.inputs.shape[-2:]))
@@ -126,10 +126,69 @@ def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
     store.flush()
 
 
-def bind_methods(plan: RunPlan) -> dict:
+def build_model(plan: RunPlan) -> torch.nn.Module:
+    """The model given from Python, built by its config's ``_target_`` (a user's function),
+    or by the zoo; in eval mode. ``blocks`` / ``gradcam_layer`` in a ``_target_`` config (or
+    given to :func:`harness.evaluate`) name its randomization blocks and GradCAM layer."""
+    if plan.given.model is not None:
+        return plan.given.model.eval()
+    if "_target_" not in plan.model_kwargs:
+        return MODELS[plan.model](**plan.model_kwargs)
+    from hydra.utils import instantiate
+
+    kwargs = {k: v for k, v in plan.model_kwargs.items()
+              if k not in ("name", "blocks", "gradcam_layer")}
+    try:
+        model = instantiate(kwargs)
+    except Exception as err:  # Hydra wraps the user's ImportError / TypeError in its own
+        raise ValueError(f"model._target_={kwargs['_target_']}: "
+                         f"{str(err).strip().splitlines()[0]}") from None
+    return with_blocks(model.eval(), plan.model_kwargs.get("blocks"),
+                       plan.model_kwargs.get("gradcam_layer"))
+
+
+def with_blocks(model: torch.nn.Module, blocks: list[str] | None,
+                gradcam_layer: str | None) -> torch.nn.Module:
+    """``model`` with the randomization blocks and GradCAM layer a user names (by default the
+    generic ones: its top-level children, its last conv layer)."""
+    if blocks is None and gradcam_layer is None:
+        return model
+    fallback = fallback_meta(model)
+    for name in [*(blocks or ()), *([gradcam_layer] if gradcam_layer else [])]:
+        model.get_submodule(name)  # a wrong name fails here, with torch's message
+    return attach_meta(model, replace(fallback, blocks=list(blocks or fallback.blocks),
+                                      gradcam_layer=gradcam_layer or fallback.gradcam_layer))
+
+
+class BoundMethod:
+    """A method with its hyperparameters and the run-wide settings bound, called as
+    ``(model, x, target)``. A plain function ``(model, x, target) -> map`` is a method: it gets
+    only the keywords it takes; a map shaped (B, H, W) or (B, 1, H, W) is broadcast over x's
+    channels; any other shape fails in one line."""
+
+    def __init__(self, name: str, fn, keywords: dict):
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self.name, self.func = name, fn
+        self.keywords = {k: v for k, v in keywords.items() if takes_all or k in params}
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor
+                 ) -> torch.Tensor:
+        out = torch.as_tensor(self.func(model, x, target, **self.keywords))
+        if out.shape == x.shape:
+            return out
+        if out.shape in (x.shape[:1] + x.shape[2:], x.shape[:1] + (1,) + x.shape[2:]):
+            return out.reshape(x.shape[0], 1, *x.shape[2:]).expand_as(x).contiguous()
+        raise ValueError(f"method {self.name} returned a map of shape {tuple(out.shape)} for "
+                         f"inputs of shape {tuple(x.shape)}; a method returns (B, C, H, W) "
+                         "like its input, or (B, H, W) / (B, 1, H, W)")
+
+
+def bind_methods(plan: RunPlan) -> dict[str, BoundMethod]:
     """The selected methods with their hyperparameters and the run-wide settings bound."""
     common = {"internal_batch_size": plan.internal_batch_size, "seed": plan.seed}
-    return {name: partial(METHODS[name], **common, **hparams)
+    return {name: BoundMethod(name, plan.given.methods.get(name) or METHODS[name],
+                              {**common, **hparams})
             for name, hparams in plan.methods.items()}
 
 

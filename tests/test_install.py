@@ -26,7 +26,8 @@ def python(code: str, *args: str, path: Path, cwd: Path) -> subprocess.Completed
 
 def test_every_conf_folder_is_a_mapped_package():
     setuptools = PYPROJECT["tool"]["setuptools"]
-    assert setuptools["package-dir"] == {"harness.conf": "conf"}
+    assert setuptools["package-dir"] == {"harness.conf": "conf",  # and Hydra's namespace:
+                                         "hydra_plugins": "harness/hydra_plugins"}
     folders = {p.parent for p in (ROOT / "conf").rglob("*.yaml")}
     wanted = {".".join(("harness", *p.relative_to(ROOT).parts)) for p in folders}
     assert wanted <= set(setuptools["packages"]), wanted - set(setuptools["packages"])
