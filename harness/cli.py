@@ -61,12 +61,49 @@ class UsageError(Exception):
     """A bad command line or config: reported in one line, exit status 2."""
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def options(group: str, conf_dirs: tuple[Path, ...] = ()) -> list[str]:
+    """The options of a config group in ``conf/`` and in the user's config dirs."""
+    return sorted({p.stem for d in (CONF_DIR, *conf_dirs) for p in (d / group).glob("*.yaml")})
+
+
+def user_conf_dirs(argv: list[str]) -> tuple[Path, ...]:
+    """Config dirs a command line adds (``hydra.searchpath=[file://DIR,...]``,
+    ``--config-dir DIR`` / ``-cd DIR``), and those of installed plugins."""
+    from harness.plugins import load_plugins
+
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("hydra.searchpath="):
+            dirs += [Path(e.strip().removeprefix("file://")) for e in re.split(
+                r"[,\[\]]", arg.split("=", 1)[1]) if e.strip().startswith("file://")]
+        elif arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    return (*dirs, *load_plugins())
+
+
+def plugin_searchpath(argv: list[str]) -> list[str]:
+    """``hydra.searchpath=[...]`` with the plugins' config dirs added to the user's (if any)."""
+    from harness.plugins import load_plugins
+
+    plugins = [f"file://{d}" for d in load_plugins()]
+    if not plugins:
+        return []
+    given = [a for a in argv if a.startswith("hydra.searchpath=")]
+    entries = [e.strip() for a in given for e in re.split(r"[,\[\]]", a.split("=", 1)[1])
+               if e.strip()]
+    for arg in given:
+        sys.argv.remove(arg)
+    return [f"hydra.searchpath=[{','.join(entries + plugins)}]"]
 
 
 def validate_overrides(argv: list[str]) -> None:
-    """Raise UsageError for an unknown option of a registry group (``method=[a,typo]``)."""
+    """Raise UsageError for an unknown option of a registry group (``method=[a,typo]``) or an
+    unknown key of a selected option (``method.smoothgrad.n_sample=4``; ``+key`` adds a key
+    on purpose and is checked against the function when the run is planned)."""
+    conf_dirs = user_conf_dirs(argv)
+    check_override_keys(argv, conf_dirs)
     for arg in argv:
         match = _OVERRIDE.match(arg)
         if not match or match["group"] not in CHOICE_GROUPS:
@@ -74,10 +111,59 @@ def validate_overrides(argv: list[str]) -> None:
         value = match["value"].strip()
         if value.startswith("choice(") or value.startswith("range("):
             value = value[value.index("(") + 1: -1]
+        valid = options(match["group"], conf_dirs)
         for name in re.split(r"[,\[\]\s]+", value):
-            if name and name != "null" and name not in options(match["group"]):
+            if name and name != "null" and name not in valid:
                 raise UsageError(f"unknown {match['group']} {name!r}; valid choices: "
-                                 f"{', '.join(options(match['group']))}")
+                                 f"{', '.join(valid)}")
+
+
+_KEY = re.compile(r"^(?P<group>model|dataset|method|check|metric)\.(?P<path>[\w.]+)=")
+
+
+def check_override_keys(argv: list[str], conf_dirs: tuple[Path, ...]) -> None:
+    """``<group>.<key>=v`` without ``+`` for a key the selected option's yaml lacks: Hydra
+    would refuse it in six lines; here it is one line naming the valid keys."""
+    for arg in argv:
+        match = _KEY.match(arg)
+        if not match:
+            continue
+        group, path = match["group"], match["path"].split(".")
+        if group in ("method", "metric"):  # method.<name>.<key>: the node of that option
+            node = _option_node(group, path[0], conf_dirs)
+            if node is not None and len(path) > 1:
+                node = node.get(path[0], {})
+                _check_key(f"{group}.{path[0]}", path[1], node)
+        else:
+            node = _option_node(group, _selected(argv, group), conf_dirs)
+            if node is not None:
+                _check_key(group, path[0], node)
+
+
+def _check_key(prefix: str, key: str, node) -> None:
+    if key not in node:
+        raise UsageError(f"{prefix}.{key}: unknown key; valid keys: {', '.join(node) or 'none'}"
+                         f" (a key the yaml lacks but the function takes: +{prefix}.{key}=...)")
+
+
+def _selected(argv: list[str], group: str) -> str:
+    """The option of ``group`` the command line selects, else the default of config.yaml."""
+    for arg in argv:
+        if arg.startswith(f"{group}="):
+            return arg.split("=", 1)[1]
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", [])
+    chosen = [d[group] for d in defaults if OmegaConf.is_dict(d) and group in d]
+    return str(chosen[0]) if chosen else ""
+
+
+def _option_node(group: str, name: str, conf_dirs: tuple[Path, ...]):
+    """The yaml of an option, or None when it is not a single known file (a sweep, a list)."""
+    for folder in (CONF_DIR, *conf_dirs):
+        path = folder / group / f"{name}.yaml"
+        if re.fullmatch(r"\w+", name or "") and path.is_file():
+            loaded = OmegaConf.load(path)
+            return {k: v for k, v in loaded.items() if k != "defaults"} if loaded else {}
+    return None
 
 
 def _app():
@@ -177,7 +263,7 @@ def main() -> None:
     except UsageError as err:
         print(f"sanity: error: {err}", file=sys.stderr)
         sys.exit(2)
-    sys.argv += sweep_dir_override(argv)
+    sys.argv += sweep_dir_override(argv) + plugin_searchpath(argv)
     _app()()
     if is_multirun(argv):
         sys.exit(report_failed_jobs(sys.argv[1:]))

@@ -17,6 +17,7 @@ from torch import nn
 from checks import CHECKS
 from harness.base.dataset import Dataset
 from harness.data import DATASETS
+from harness.plugins import load_plugins
 from harness.store import config_digest
 from harness.train import DEFAULT_CACHE_DIR, normalize_labels
 from harness.validate import check_hparams, check_metric_args, check_shard
@@ -27,6 +28,7 @@ from metrics import METRICS, NORMALIZATIONS
 GROUPS = ("model", "dataset", "method", "check", "metric")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME = ("auto", "true", "false")
+WEIGHTS = ("auto", "random")  # random: weights neither loaded nor trained, said on purpose
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class RunPlan:
     normalizations: dict[str, str] = field(default_factory=dict)  # metric -> normalization
     model_kwargs: dict = field(default_factory=dict)
     model_label: str = ""  # what rows and messages call the model (model.name, else its key)
+    weights: str = "auto"  # "random": run a model with random weights on purpose
     dataset_kwargs: dict = field(default_factory=dict)  # without shard / num_shards
     shard: int = 0
     num_shards: int = 1
@@ -93,6 +96,9 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Give
     user's function instead of a registry entry."""
     names = {group: selected(cfg, choices, group) for group in GROUPS}
     model_kwargs = plain(cfg.model)
+    weights = str(model_kwargs.pop("weights", "auto"))
+    if weights not in WEIGHTS:
+        raise ValueError(f"model.weights must be {' or '.join(WEIGHTS)}, got {weights!r}")
     if given.model is not None or "_target_" in model_kwargs:
         names["model"] = [str(model_kwargs.get("name") or model_kwargs.get("_target_"))]
     given = replace(given, methods={**given.methods, **targeted_methods(cfg, names["method"])})
@@ -124,7 +130,7 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Give
         run_dir=Path(run_dir), model=names["model"][0], dataset=names["dataset"][0],
         check=names["check"][0], methods=methods, metrics=metrics,
         normalizations=normalizations, model_kwargs=model_kwargs,
-        model_label=str(model_kwargs.get("name", names["model"][0])),
+        model_label=str(model_kwargs.get("name", names["model"][0])), weights=weights,
         dataset_kwargs=dataset_kwargs, shard=shard[0], num_shards=shard[1],
         check_kwargs=check_kwargs, seed=int(cfg.seed), device=device_name(cfg.device),
         batch_size=int(cfg.batch_size), internal_batch_size=int(cfg.internal_batch_size),
@@ -188,7 +194,8 @@ def selected(cfg: DictConfig, choices: dict, group: str) -> list[str]:
 
 
 def registries() -> dict:
-    """The registry of each config group."""
+    """The registry of each config group, with the entries of installed plugins."""
+    load_plugins()
     return {"model": MODELS, "dataset": DATASETS, "method": METHODS, "check": CHECKS,
             "metric": METRICS}
 

@@ -53,6 +53,7 @@ class Built:
     metrics: list[MetricSpec]
     trainer: Trainer | None
     device: torch.device
+    weights: str  # where the model's weights came from (a column of every row)
 
 
 def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
@@ -73,7 +74,8 @@ def execute(plan: RunPlan) -> Path:
     built = build(plan, device, timings)
     store = RunStore(plan.run_dir, {"run_id": run_id, "model": plan.model_label,
                                     "dataset": plan.dataset, "seed": plan.seed,
-                                    "shard": plan.shard, "num_shards": plan.num_shards},
+                                    "shard": plan.shard, "num_shards": plan.num_shards,
+                                    "weights": built.weights},
                      CHECKS.facts(plan.check))
     if kept:
         print(f"[sanity] resuming {plan.run_dir}: {kept} finished parts kept, computing only "
@@ -105,11 +107,32 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
     metrics = build_metrics(plan, tuple(data.inputs.shape[-2:]))
     trainer = build_trainer(plan, model, device) if plan.trains else None
     timings["load_data_s"] = time.perf_counter() - tic
+    weights = weights_source(plan, model)
     if plan.train_labels:  # any check on a model trained first (cached)
         tic = time.perf_counter()
-        model = trainer(plan.train_labels).model
+        trained = trainer(plan.train_labels)
+        model, weights = trained.model, f"trained:{Path(trained.checkpoint).stem}"
         timings["train_s"] = time.perf_counter() - tic
-    return Built(model, data, methods, metrics, trainer, device)
+    check_weights(plan, weights)
+    return Built(model, data, methods, metrics, trainer, device, weights)
+
+
+def weights_source(plan: RunPlan, model: torch.nn.Module) -> str:
+    """Where the model's weights came from: the zoo's record, or the user's object."""
+    if plan.given.model is not None:
+        return f"given:{plan.model_kwargs.get('weights_sha', '')}"
+    if "_target_" in plan.model_kwargs:
+        return f"built:{plan.model_kwargs['_target_']}"
+    return model_meta(model).weights or "unknown"
+
+
+def check_weights(plan: RunPlan, weights: str) -> None:
+    """Random weights are never silent: a model neither loaded nor trained runs only with
+    ``model.weights=random`` (checks that train their own models do not use its weights)."""
+    if weights == "random" and plan.weights != "random" and not plan.trains:
+        raise ValueError(f"model {plan.model_label} has random weights (neither loaded nor "
+                         "trained): give model.checkpoint=PATH, train it first with "
+                         "train.labels=true, or say model.weights=random to check it so")
 
 
 def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
@@ -133,11 +156,11 @@ def build_model(plan: RunPlan) -> torch.nn.Module:
     if plan.given.model is not None:
         return plan.given.model.eval()
     if "_target_" not in plan.model_kwargs:
-        return MODELS[plan.model](**plan.model_kwargs)
+        return MODELS[plan.model](**builder_kwargs(plan))
     from hydra.utils import instantiate
 
     kwargs = {k: v for k, v in plan.model_kwargs.items()
-              if k not in ("name", "blocks", "gradcam_layer")}
+              if k not in ("name", "blocks", "gradcam_layer", "weights")}
     try:
         model = instantiate(kwargs)
     except Exception as err:  # Hydra wraps the user's ImportError / TypeError in its own
@@ -145,6 +168,13 @@ def build_model(plan: RunPlan) -> torch.nn.Module:
                          f"{str(err).strip().splitlines()[0]}") from None
     return with_blocks(model.eval(), plan.model_kwargs.get("blocks"),
                        plan.model_kwargs.get("gradcam_layer"))
+
+
+def builder_kwargs(plan: RunPlan) -> dict:
+    """The model config for its zoo builder: ``name`` labels the model unless the builder takes
+    it (timm's architecture name)."""
+    takes_name = "name" in inspect.signature(MODELS[plan.model]).parameters
+    return {k: v for k, v in plan.model_kwargs.items() if k != "name" or takes_name}
 
 
 def with_blocks(model: torch.nn.Module, blocks: list[str] | None,
@@ -276,7 +306,7 @@ def build_trainer(plan: RunPlan, model: torch.nn.Module, device: torch.device) -
         part.inputs, part.labels = part.inputs.to(device), part.labels.to(device)
     identity = {"model": plan.model_label, "model_registry": plan.model,
                 "model_config": plan.model_kwargs, "dataset": plan.dataset}
-    return Trainer(build=partial(MODELS[plan.model], **plan.model_kwargs), train_set=train_set,
+    return Trainer(build=partial(MODELS[plan.model], **builder_kwargs(plan)), train_set=train_set,
                    test_set=test_set, identity=identity, settings=plan.train, seed=plan.seed,
                    cache_dir=plan.cache_dir, device=device, progress=plan.progress)
 

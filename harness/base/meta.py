@@ -18,6 +18,9 @@ class ModelMeta:
     members: dict[str, list[str]] = field(default_factory=dict)  # block -> modules, if not itself
     data_config: dict = field(default_factory=dict)  # timm style: input_size, mean, std, ...
     num_classes: int = 0
+    # where the weights came from: "pretrained:<source>", "checkpoint:<sha256 of the file>",
+    # "random" (initialized, neither loaded nor trained); "" when unknown (a user's model)
+    weights: str = ""
 
 
 def attach_meta(model: nn.Module, meta: ModelMeta) -> nn.Module:

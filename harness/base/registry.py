@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -78,8 +79,8 @@ class Registry(dict):
     def register(self, fn: F | None = None, /, **facts) -> F | Callable[[F], F]:
         """``@REG.register`` or ``@REG.register(**facts)``: add ``fn`` under ``fn.__name__``.
 
-        Registering a function of the same module and qualified name again replaces it (a
-        notebook cell run twice); another function under a taken name is an error."""
+        Registering a function of the same module and qualified name again replaces it, with a
+        warning (a notebook cell run twice); another function under a taken name is an error."""
         def add(fn: F) -> F:
             self.add(fn.__name__, fn, **facts)
             return fn
@@ -92,6 +93,9 @@ class Registry(dict):
         if old is not None and _origin(old) != _origin(fn):
             raise RegistrationError(f"{self.kind} {name!r} is registered twice "
                                     f"({_origin(old)[0]} and {_origin(fn)[0]})")
+        if old is not None and old is not fn:  # a notebook cell run again: the new one wins
+            warnings.warn(f"{self.kind} {name!r} registered again: the new definition replaces "
+                          "the old one", stacklevel=3)
         if not (getattr(fn, "__doc__", None) or "").strip():
             raise RegistrationError(f"{self.kind} {name!r} has no docstring: say what it "
                                     "computes, cite its paper, give tensor shapes")
