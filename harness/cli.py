@@ -136,8 +136,9 @@ def check_override_keys(argv: list[str], conf_dirs: tuple[Path, ...]) -> None:
                 _check_key(f"{group}.{path[0]}", path[1], node)
         else:
             node = _option_node(group, _selected(argv, group), conf_dirs)
-            if node is not None:
-                _check_key(group, path[0], node)
+            if node is not None:  # with the keys config.yaml gives every option of the group
+                top = OmegaConf.load(CONF_DIR / "config.yaml").get(group) or {}
+                _check_key(group, path[0], {**node, **top})
 
 
 def _check_key(prefix: str, key: str, node) -> None:
