@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -111,7 +112,8 @@ def summary(rows) -> str:
 def input_bias(ctx: CheckContext, probes: list[str] | tuple[str, ...] = PROBES,
                deltas: list[float] | tuple[float, ...] = (-0.5, -0.25, 0.25, 0.5),
                encodings: list[str] | tuple[str, ...] = ("unit", "signed", "imagenet"),
-               tolerance: float = 1e-4, dark_fraction: float = 0.1, target: str = "fixed",
+               tolerance: float = 1e-4, dark_fraction: float = 0.1,
+               target: Literal["fixed", "label"] = "fixed",
                **_) -> Iterator[dict | MapRecord]:
     """Shift / scale the input with the first layer compensated and compare maps; measure the
     maps' bias towards the input's zero point. x: ctx.data.inputs (N, C, H, W)."""

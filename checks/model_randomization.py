@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Literal
 
 from tqdm.auto import tqdm
 
@@ -24,13 +25,17 @@ from harness.base.context import CheckContext, MapRecord
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
 TARGETS = ("fixed", "argmax")
+Order = Literal["top_down", "bottom_up"]
+Granularity = Literal["block", "module"]
+Init = Literal["default", "normal", "permute"]
+Target = Literal["fixed", "argmax"]
 COLUMNS = {"order": "", "granularity": "", "init": "", "target_policy": ""}  # the knobs
 FIGURES = (similarity_figure, grid_figures)  # Figures 4 and 2 of the paper
 
 
 @CHECKS.register(title="Cascading randomization", columns=COLUMNS, figures=FIGURES)
-def cascading(ctx: CheckContext, order: str = "top_down", granularity: str = "block",
-              init: str = "default", target: str = "fixed", batchnorm_stats: bool = False,
+def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
+              init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
               **_) -> Iterator[dict | MapRecord]:
     """Cascading randomization: stage k has the first k stages (in ``order``) randomized."""
     yield from _randomization_test(ctx, "cascading", True, order, granularity, init, target,
@@ -38,8 +43,8 @@ def cascading(ctx: CheckContext, order: str = "top_down", granularity: str = "bl
 
 
 @CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES)
-def independent(ctx: CheckContext, order: str = "top_down", granularity: str = "block",
-                init: str = "default", target: str = "fixed", batchnorm_stats: bool = False,
+def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
+                init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
                 **_) -> Iterator[dict | MapRecord]:
     """Independent randomization: stage k has only the k-th stage (in ``order``) randomized."""
     yield from _randomization_test(ctx, "independent", False, order, granularity, init, target,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Literal
 
 import torch
 
@@ -45,7 +46,8 @@ def summary(rows) -> str:
                  columns={"target_policy": "", "n_images": -1, "epochs": -1},
                  per_model_metrics=ACCURACY_METRICS, trains_models=True, summary=summary,
                  figures=(bar_figure, grid_figure))
-def random_labels(ctx: CheckContext, target: str = "label", **_) -> Iterator[dict | MapRecord]:
+def random_labels(ctx: CheckContext, target: Literal["label", "fixed", "argmax"] = "label",
+                  **_) -> Iterator[dict | MapRecord]:
     """Maps of the true-label model versus the random-label model on the test inputs.
 
     ``target``: ``label`` (the input's true label, for both models), ``fixed`` (the class the

@@ -102,6 +102,7 @@ def validate_overrides(argv: list[str]) -> None:
     """Raise UsageError for an unknown option of a registry group (``method=[a,typo]``) or an
     unknown key of a selected option (``method.smoothgrad.n_sample=4``; ``+key`` adds a key
     on purpose and is checked against the function when the run is planned)."""
+    check_override_syntax(argv)
     conf_dirs = user_conf_dirs(argv)
     check_override_keys(argv, conf_dirs)
     for arg in argv:
@@ -116,6 +117,21 @@ def validate_overrides(argv: list[str]) -> None:
             if name and name != "null" and name not in valid:
                 raise UsageError(f"unknown {match['group']} {name!r}; valid choices: "
                                  f"{', '.join(valid)}")
+
+
+def check_override_syntax(argv: list[str]) -> None:
+    """Hydra's grammar, checked first: its own message spans several lines."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    for arg in overrides:
+        try:
+            OverridesParser.create().parse_overrides([arg])
+        except OverrideParseException as err:
+            reason = str(err).strip().splitlines()[0]
+            raise UsageError(f"cannot read {arg!r}: {reason} (override syntax: "
+                             "https://hydra.cc/docs/advanced/override_grammar/basic)") from None
 
 
 _KEY = re.compile(r"^(?P<group>model|dataset|method|check|metric)\.(?P<path>[\w.]+)=")

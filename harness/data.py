@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -130,7 +131,8 @@ DIGITS_TEST = 500  # the last 500 of scikit-learn's 1,797 digits form the test s
 
 
 @DATASETS.register
-def digits(n: int | None = 16, data_config: dict | None = None, split: str = "all",
+def digits(n: int | None = 16, data_config: dict | None = None,
+           split: Literal["all", "train", "test"] = "all",
            **_) -> Dataset:
     """scikit-learn's 8x8 digits, scaled to [0, 1] and resized to the model's input size
     (bilinear): real data for second-long tests. ``split``: ``all`` (1,797 images), ``train``
@@ -170,7 +172,8 @@ DOWNLOAD_HOSTS = {"MNIST": "ossci-datasets.s3.amazonaws.com",
 
 
 @DATASETS.register
-def mnist(n: int | None = 16, data_config: dict | None = None, split: str = "test",
+def mnist(n: int | None = 16, data_config: dict | None = None,
+          split: Literal["train", "test"] = "test",
           root: str | None = None, download: str | bool = "auto",
           download_root: str | None = None, **_) -> Dataset:
     """MNIST (LeCun et al. 1998), ``split`` ``train`` or ``test``, the first ``n`` images.
@@ -190,7 +193,8 @@ def mnist(n: int | None = 16, data_config: dict | None = None, split: str = "tes
 
 
 @DATASETS.register
-def fashion_mnist(n: int | None = 16, data_config: dict | None = None, split: str = "test",
+def fashion_mnist(n: int | None = 16, data_config: dict | None = None,
+                  split: Literal["train", "test"] = "test",
                   root: str | None = None, download: str | bool = "auto",
                   download_root: str | None = None, **_) -> Dataset:
     """Fashion-MNIST (Xiao et al. 2017, arXiv 1708.07747), ``split`` ``train`` (60,000) or

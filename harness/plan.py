@@ -20,7 +20,13 @@ from harness.data import DATASETS
 from harness.plugins import load_plugins
 from harness.store import config_digest
 from harness.train import DEFAULT_CACHE_DIR, normalize_labels
-from harness.validate import check_hparams, check_metric_args, check_shard
+from harness.validate import (
+    check_choices,
+    check_count,
+    check_hparams,
+    check_metric_args,
+    check_shard,
+)
 from harness.zoo import MODELS
 from methods import METHODS
 from metrics import METRICS, NORMALIZATIONS
@@ -119,12 +125,14 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Give
     check_shard(*shard)
     check_kwargs = plain(cfg.check)
     check_keys("check", names["check"][0], CHECKS[names["check"][0]], check_kwargs, skip=1)
+    check_choices("check", CHECKS[names["check"][0]], check_kwargs)
     if given.model is None and "_target_" not in model_kwargs:
         check_keys("model", names["model"][0], MODELS[names["model"][0]], model_kwargs,
                    also=("name",))
     if given.data is None:
         check_keys("dataset", names["dataset"][0], DATASETS[names["dataset"][0]],
                    dataset_kwargs, also=("data_config",))
+        check_choices("dataset", DATASETS[names["dataset"][0]], dataset_kwargs)
     train = plain(cfg.get("train"))
     return RunPlan(
         run_dir=Path(run_dir), model=names["model"][0], dataset=names["dataset"][0],
@@ -132,9 +140,11 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Give
         normalizations=normalizations, model_kwargs=model_kwargs,
         model_label=str(model_kwargs.get("name", names["model"][0])), weights=weights,
         dataset_kwargs=dataset_kwargs, shard=shard[0], num_shards=shard[1],
-        check_kwargs=check_kwargs, seed=int(cfg.seed), device=device_name(cfg.device),
-        batch_size=int(cfg.batch_size), internal_batch_size=int(cfg.internal_batch_size),
-        n_maps=int(cfg.n_maps), progress=bool(cfg.progress), figures=bool(cfg.figures),
+        check_kwargs=check_kwargs, seed=check_count("seed", cfg.seed, 0),
+        device=device_name(cfg.device), batch_size=check_count("batch_size", cfg.batch_size, 1),
+        internal_batch_size=check_count("internal_batch_size", cfg.internal_batch_size, 1),
+        n_maps=check_count("n_maps", cfg.n_maps, 0), progress=bool(cfg.progress),
+        figures=bool(cfg.figures),
         flush_denormal=bool(cfg.get("flush_denormal", False)),
         resume=resume_mode(cfg.get("resume", "auto")), train=train,
         train_labels=normalize_labels(train.get("labels")),
@@ -189,8 +199,12 @@ def selected(cfg: DictConfig, choices: dict, group: str) -> list[str]:
     records no choice) the keys of the group's node, which holds exactly the selected files."""
     names = choices.get(group)
     if names is None:
-        return list(cfg[group].keys())
-    return [names] if isinstance(names, str) else list(names)
+        names = list(cfg[group].keys()) if group in cfg and cfg[group] is not None else []
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"{group}=[] selects no {group}; choose at least one of "
+                         f"{', '.join(sorted(registries()[group]))}")
+    return names
 
 
 def registries() -> dict:

@@ -54,6 +54,7 @@ class Built:
     trainer: Trainer | None
     device: torch.device
     weights: str  # where the model's weights came from (a column of every row)
+    warnings: list[str]  # said to the user and recorded in run.json
 
 
 def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
@@ -101,6 +102,7 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
     timings["load_model_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     data = plan.given.data or load_data(plan, model, split="test" if plan.trains else None)
+    warnings = fewer_inputs_than_asked(plan, data)
     data = take_shard(data, plan.shard, plan.num_shards)
     data.inputs = data.inputs.to(device)
     check_input_size(model, plan.model_label, data.inputs, plan.dataset)
@@ -114,7 +116,18 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
         model, weights = trained.model, f"trained:{Path(trained.checkpoint).stem}"
         timings["train_s"] = time.perf_counter() - tic
     check_weights(plan, weights)
-    return Built(model, data, methods, metrics, trainer, device, weights)
+    return Built(model, data, methods, metrics, trainer, device, weights, warnings)
+
+
+def fewer_inputs_than_asked(plan: RunPlan, data: Dataset) -> list[str]:
+    """``dataset.n`` above what the dataset holds: said in one line (and recorded)."""
+    asked = plan.dataset_kwargs.get("n")
+    if plan.given.data is not None or asked is None or len(data.samples) >= asked:
+        return []
+    text = (f"dataset.n={asked} but {plan.dataset} has {len(data.samples)} inputs: using "
+            f"{len(data.samples)}")
+    print(f"[sanity] warning: {text}")
+    return [text]
 
 
 def weights_source(plan: RunPlan, model: torch.nn.Module) -> str:
@@ -326,7 +339,8 @@ def run_record(plan: RunPlan, built: Built, run_id: str, store: RunStore, timing
     record = {"run_id": run_id, "selected": plan.names, "config": plan.config,
               "git_sha": git_sha(), "packages": versions(), "python": platform.python_version(),
               "host": platform.node(), "device": str(built.device),
-              "data_source": built.data.source, "rows": store.rows_written, "timings": timings,
+              "data_source": built.data.source, "inputs": len(built.data.samples),
+              "warnings": built.warnings, "rows": store.rows_written, "timings": timings,
               "parts_kept": kept, "parts_computed": store.parts,
               "metric_settings": {s.name: dict(s.fn.keywords) for s in built.metrics}}
     if built.trainer is not None:

@@ -85,6 +85,33 @@ def _types_of(hint) -> tuple[type, ...]:
     return (hint,) if isinstance(hint, type) else ()
 
 
+def check_choices(label: str, fn, kwargs: dict) -> None:
+    """Every setting annotated with ``Literal[...]`` (a check's ``order``, a dataset's ``split``)
+    is one of its choices: ``check.order=sideways`` fails before a model is loaded."""
+    hints = typing.get_type_hints(fn)
+    for key, value in kwargs.items():
+        choices = literal_choices(hints.get(key))
+        if choices and value not in choices:
+            raise ValueError(f"{label}.{key} must be one of {', '.join(map(str, choices))}, "
+                             f"got {value!r}")
+
+
+def literal_choices(hint) -> tuple:
+    """The values a ``Literal[...]`` annotation (also inside ``X | None``) allows; () else."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(v for arg in typing.get_args(hint) for v in literal_choices(arg))
+    return ()
+
+
+def check_count(key: str, value, low: int) -> int:
+    """A whole number of at least ``low`` (``seed``, ``batch_size``, ...), in one line if not."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
 def _check_range(label: str, value, bounds: Range | None) -> None:
     if bounds is None or value is None or isinstance(value, bool):
         return

@@ -49,6 +49,17 @@ CASES = [
      "output dir {tmp}/a_file/run is not writable"),
     ("resume another config", ["hydra.run.dir={tmp}/foreign"],
      "holds a run of a different config"),
+    ("no method", ["method=[]"], "method=[] selects no method; choose at least one of"),
+    ("no metric", ["metric=[]"], "metric=[] selects no metric; choose at least one of"),
+    ("seed not a number", ["seed=abc"], "seed must be a whole number >= 0, got 'abc'"),
+    ("batch size zero", ["batch_size=0"], "batch_size must be a whole number >= 1, got 0"),
+    ("key typo without +", ["method=[smoothgrad]", "method.smoothgrad.n_sample=4"],
+     "method.smoothgrad.n_sample: unknown key; valid keys: n_samples, noise_level"),
+    ("key typo with +", ["+model.nmae=resnet50"], "model.nmae: unknown key of model tiny_cnn"),
+    ("unknown order", ["check.order=sideways"],
+     "check.order must be one of top_down, bottom_up, got 'sideways'"),
+    ("unknown split", ["dataset.split=val"], "dataset.split must be one of all, train, test"),
+    ("override syntax", ["method=[gradient"], "cannot read 'method=[gradient'"),
 ]
 
 
