@@ -165,7 +165,7 @@ def _check_key(prefix: str, key: str, node) -> None:
 
 def _selected(argv: list[str], group: str) -> str:
     """The option of ``group`` the command line selects, else the default of config.yaml."""
-    for arg in argv:
+    for arg in reversed(argv):  # the last one wins, as in Hydra
         if arg.startswith(f"{group}="):
             return arg.split("=", 1)[1]
     defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", [])
