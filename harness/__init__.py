@@ -5,3 +5,7 @@ randomization), with the model zoo (:mod:`harness.zoo`) and the datasets (:mod:`
 Importing it changes nothing in the process; :func:`harness.allocator.tune_allocator` is the
 opt-in for faster CPU memory (the ``sanity`` command applies it).
 """
+
+from harness.manifest import read_rows  # noqa: E402  (the reader of a run's table; no torch)
+
+__all__ = ["read_rows"]
