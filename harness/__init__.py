@@ -6,6 +6,6 @@ Importing it changes nothing in the process; :func:`harness.allocator.tune_alloc
 opt-in for faster CPU memory (the ``sanity`` command applies it).
 """
 
-from harness.manifest import read_rows  # noqa: E402  (the reader of a run's table; no torch)
+from harness.manifest import read_rows  # the reader of a run's table (imports no torch)
 
 __all__ = ["read_rows"]

@@ -168,14 +168,15 @@ def read_rows(run_dir: Path | str) -> pd.DataFrame:
 
     Reads exactly the parts of ``rows/`` that the run's manifest lists, after checking them
     against their checksums, so anything else in the folder (a ``notes.txt``, a sync tool's
-    conflict copy, ``rows/.damaged/``) is ignored. A listed part that is damaged or missing
+    conflict copy, a part it never committed, ``rows/.damaged/``) is ignored. A listed part that is damaged or missing
     raises with its name: rerunning the run's command recomputes it, ``sanity verify RUN_DIR``
     lists every problem. A run dir without a manifest (parts written by hand or by an older
     harness) is read as every ``rows/part-*.parquet``.
     """
     inspection = inspect_run(run_dir)
-    bad = [line for line in inspection.problems() if line.startswith(ROWS + "/")]
-    if bad and not inspection.unlisted:
+    bad = [line for line in inspection.problems() if line.startswith(ROWS + "/")
+           and line.split(": ", 1)[0] in inspection.entries]  # unlisted files: ignored
+    if bad:
         raise ValueError(f"run dir {run_dir} has damaged rows ({'; '.join(bad)}): rerun its "
                          "command to recompute them (sanity verify RUN_DIR lists every problem)")
     return read_parts(run_dir, inspection.row_parts())
