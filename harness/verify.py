@@ -100,7 +100,7 @@ def table_problems(run_dir: Path, inspection: Inspection, run_id: str | None) ->
     problems, tables = [], []
     for relative in inspection.row_parts():
         try:
-            table = pq.read_table(run_dir / relative)
+            table = pq.ParquetFile(run_dir / relative).read()
         except (OSError, pa.ArrowException) as err:
             problems.append(f"{relative}: unreadable ({str(err).splitlines()[0]})")
             continue
