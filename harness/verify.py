@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in problems:
         print(line)
     if problems:
-        print(f"DAMAGED: {len(problems)} problems in {args.path} ({checked}); rerunning its "
-              "command recomputes damaged and missing parts")
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        print(f"DAMAGED: {count} in {args.path} ({checked}); rerunning its command recomputes "
+              "damaged and missing parts (foreign files are left to you)")
         return 1
     print(f"WHOLE: {args.path} ({checked}): every part matches its checksum")
     return 0

@@ -12,6 +12,7 @@ sweep.
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -198,3 +199,25 @@ def test_sweep_collect_reports_damage_and_rerun_recomputes_it(tmp_path, capsys):
     for job, part in zip("01", damaged):
         assert (sweep / job / "rows" / ".damaged" / Path(part).name).is_file()
         assert f"damaged part {part}" in out
+
+
+def test_verify_checks_the_record_and_duplicate_rows(runs, tmp_path, capsys):
+    """A part deleted together with its manifest entry is still missed (run.json records every
+    part), and a row key present twice is named."""
+    import pyarrow as pa
+
+    from harness.verify import duplicate_problems
+
+    run_dir = Path(shutil.copytree(runs["whole"], tmp_path / "run"))
+    name = PART.format(2, "gradient")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    del manifest["parts"][f"rows/{name}"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    (run_dir / "rows" / name).unlink()
+    status, lines = verify(run_dir, capsys)
+    assert status == 1 and f"rows/{name}: recorded in run.json, not in the manifest" in lines
+    assert any(line.startswith("run.json: 24 rows recorded") for line in lines), lines
+    rows = pa.table({"check": ["c"] * 3, "stage_index": [0, 0, 1], "method": ["m"] * 3,
+                     "sample": [0, 0, 0], "metric": ["ssim"] * 3, "value": [0.1, 0.2, 0.3]})
+    assert duplicate_problems(rows) == [
+        "2 rows of check=c, stage_index=0, method=m, sample=0, metric=ssim"]
