@@ -6,10 +6,9 @@
 #  2. install the wheel, not editable, into a separate env whose only dependencies are .venv's
 #     (one .pth line: nothing is downloaded, the editable install stays invisible);
 #  3. from a temporary folder outside the clone: `sanity --version`, `sanity list`, the small
-#     check, `sanity figures` on its run; outputs under that folder's results/, installed tree
-#     unchanged;
+#     check, `sanity figures` and `sanity verify` on its run (exit 0, one verdict line); outputs
+#     under that folder's results/, installed tree unchanged;
 #  4. the same check through the clone (editable) from another folder: the same table.
-# `sanity verify` joins step 3 once it exists.
 # Usage: bash .ci/wheel_test.sh  (VENV=path to use another dependency env than .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +89,10 @@ grep -q "tiny_cnn" "$TMP/list.txt" && grep -q "adebayo2018_cascading" "$TMP/list
 "${INSTALLED[@]}" "${CHECK[@]}" > "$TMP/run.log" 2>&1 || { cat "$TMP/run.log" >&2; exit 1; }
 "${INSTALLED[@]}" figures results/runs/* > "$TMP/figures.txt"
 grep -q "^$TMP/work/results/runs/.*\.png$\|^results/runs/.*\.png$" "$TMP/figures.txt"
+"${INSTALLED[@]}" verify results/runs/* > "$TMP/verify.txt" \
+    || { cat "$TMP/verify.txt" >&2; echo "wheel-test: sanity verify failed" >&2; exit 1; }
+[ "$(wc -l < "$TMP/verify.txt")" = 1 ] && grep -q "^WHOLE" "$TMP/verify.txt" \
+    || { cat "$TMP/verify.txt" >&2; echo "wheel-test: sanity verify: not one WHOLE line" >&2; exit 1; }
 [ "$(ls -A "$TMP/work")" = results ] \
     || { echo "wheel-test: the cwd holds $(ls -A), not only results/" >&2; exit 1; }
 snapshot > "$TMP/installed.after"

@@ -6,6 +6,10 @@ Importing it changes nothing in the process; :func:`harness.allocator.tune_alloc
 opt-in for faster CPU memory (the ``sanity`` command applies it).
 """
 
+from harness.manifest import read_rows  # the reader of a run's table (imports no torch)
+
+__all__ = ["evaluate", "read_rows"]
+
 
 def __getattr__(name: str):
     """``harness.evaluate`` (:func:`harness.api.evaluate`), imported on first use: importing

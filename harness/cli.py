@@ -3,7 +3,8 @@
 Before Hydra starts, the command line is checked (registry names against ``conf/``, the output
 dir for writability), so a typo fails in one line (Hydra's own message spans many lines).
 ``sanity list`` (also ``sanity-list``) lists what can be chosen; ``sanity figures`` and
-``sanity collect`` are ``sanity-figures`` and ``sanity-collect``; ``sanity --version``.
+``sanity collect`` are ``sanity-figures`` and ``sanity-collect``; ``sanity verify DIR`` checks a
+run or sweep dir against its manifests (``harness.verify``); ``sanity --version``.
 
 The configs are the repository's top-level ``conf/``, installed as package data in
 ``harness/conf`` (pyproject.toml): :data:`CONF_DIR` is that folder after a normal install and the
@@ -265,6 +266,10 @@ def main() -> None:
     if argv[:1] == ["list"]:
         list_main()
         return
+    if argv[:1] == ["verify"]:  # before anything heavy: it reads with pyarrow only
+        from harness.verify import main as verify_main
+
+        sys.exit(verify_main(argv[1:]))
     if argv[:1] == ["--version"]:
         from harness.version import version_line
 

@@ -1,5 +1,6 @@
 """Read every run of a sweep (``sanity -m ...``) into one table, and say which jobs are missing,
-failed or unfinished.
+failed, unfinished or damaged (parts that differ from their manifest: left out of the table,
+recomputed when the sweep command is rerun).
 
     sanity-collect SWEEP_DIR [--out FILE.parquet]
     python scripts/collect.py SWEEP_DIR
@@ -18,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from checks import CHECKS
-from harness.store import CLAIM, FAILED, ROWS, read_rows, write_table
+from harness.manifest import inspect_run, read_parts
+from harness.store import FAILED, write_table
+from harness.verify import expected_jobs, run_dirs
 
 PER_MODEL = ("run_id", "shard", "num_shards", "job")  # columns that differ between the shards
 
@@ -30,6 +33,9 @@ class SweepReport:
     failed: dict[str, str] = field(default_factory=dict)  # job -> error message
     unfinished: list[str] = field(default_factory=list)  # started, neither done nor failed
     missing: list[str] = field(default_factory=list)  # never started
+    # job -> its parts that are not what it committed (damaged, missing): left out of the table
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # foreign files, ignored
 
     def lines(self) -> list[str]:
         total = "?" if self.expected is None else self.expected
@@ -38,41 +44,14 @@ class SweepReport:
         lines += [f"job {job} unfinished (killed or still running; rerun the sweep command to "
                   "resume it)" for job in self.unfinished]
         lines += [f"job {job} missing (never started)" for job in self.missing]
+        lines += [f"job {job} damaged: {problem} (rerun the sweep command to recompute it)"
+                  for job, problems in self.damaged.items() for problem in problems]
+        lines += [f"warning: {line}" for line in self.warnings]
         return lines
 
     @property
     def complete(self) -> bool:
-        return not (self.failed or self.unfinished or self.missing)
-
-
-def run_dirs(sweep_dir: Path | str) -> list[Path]:
-    """The job dirs of a sweep, by job number (a run dir itself is its own only job)."""
-    sweep_dir = Path(sweep_dir)
-    if (sweep_dir / ROWS).is_dir() or (sweep_dir / CLAIM).is_file():
-        return [sweep_dir]
-    jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-            and any((d / name).exists() for name in (ROWS, CLAIM, FAILED, ".hydra"))]
-    return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit()
-                                       else 0, d.name))
-
-
-def expected_jobs(sweep_dir: Path) -> int | None:
-    """How many jobs the sweep's overrides (and its sweeper params) expand to."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    path = sweep_dir / "multirun.yaml"
-    if not path.is_file():
-        return None
-    hydra_cfg = OmegaConf.load(path).hydra
-    params = hydra_cfg.sweeper.get("params")
-    params = OmegaConf.to_container(params) if params is not None else {}
-    given = list(hydra_cfg.overrides.task)
-    keys = {o.split("=", 1)[0] for o in given}
-    given += [f"{k}={v}" for k, v in params.items() if k not in keys]
-    overrides = OverridesParser.create().parse_overrides(given)
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+        return not (self.failed or self.unfinished or self.missing or self.damaged)
 
 
 def collect(sweep_dir: Path | str) -> tuple[pd.DataFrame, SweepReport]:
@@ -81,8 +60,9 @@ def collect(sweep_dir: Path | str) -> tuple[pd.DataFrame, SweepReport]:
     ``per_model_metrics``, e.g. the accuracies of trained models) come once per model, not once
     per shard."""
     sweep_dir = Path(sweep_dir)
-    tables = [read_rows(job).assign(job=job.name) for job in run_dirs(sweep_dir)
-              if any((job / ROWS).glob("*.parquet"))]
+    parts = {job: inspect_run(job).row_parts() for job in run_dirs(sweep_dir)}
+    tables = [read_parts(job, names).assign(job=job.name) for job, names in parts.items()
+              if names]  # the parts each job's manifest lists and that match their checksums
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return _once_per_model(table), sweep_report(sweep_dir)
 
@@ -101,8 +81,12 @@ def sweep_report(sweep_dir: Path | str) -> SweepReport:
 
 
 def _classify(job: Path, report: SweepReport) -> None:
+    inspection = inspect_run(job)
+    report.warnings += [f"job {job.name}: {line}" for line in inspection.warnings()]
     if (job / FAILED).is_file():
         report.failed[job.name] = json.loads((job / FAILED).read_text()).get("error", "")
+    elif not inspection.whole and not inspection.unlisted:
+        report.damaged[job.name] = inspection.problems()
     elif (job / "run.json").is_file():
         report.finished.append(job.name)
     else:

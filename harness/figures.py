@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from checks import CHECKS
 from checks.plotting import grid_figures, paper_style, similarity_figure
 from harness.base.context import CheckFacts, FigureData
+from harness.manifest import read_rows
 
 PNG_DPI = 150
 GRID_SAMPLES = 3
@@ -97,11 +98,10 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
 
 
 def load_rows(run_dir: Path | str) -> pd.DataFrame | None:
-    """The run's tidy table (``<run_dir>/rows/``), or None when there is none."""
-    rows_dir = Path(run_dir) / "rows"
-    if not rows_dir.is_dir() or not any(rows_dir.rglob("*.parquet")):
-        return None
-    return pd.read_parquet(rows_dir)
+    """The run's tidy table (the parts of ``<run_dir>/rows/`` its manifest lists, other files
+    ignored), or None when there is none."""
+    rows = read_rows(run_dir)
+    return None if rows.empty else rows
 
 
 def load_check_maps(

@@ -10,8 +10,9 @@ its ``launch`` is :func:`launch` here.)
   small ones) the state of a cancelled job stays UNKNOWN and the sweep waited forever. Here the
   state comes from ``squeue`` (which needs no accounting), and a result is read as soon as its
   file exists (no polling back-off: a 4-job sweep of seconds-long jobs took 36 s with it).
-* A job whose run dir holds a finished run (``run.json``) of the same config is not submitted
-  again: rerunning a sweep command resubmits only the jobs with work left.
+* A job whose run dir holds a finished run (``run.json``) of the same config, with every part
+  matching its manifest, is not submitted again: rerunning a sweep command resubmits only the
+  jobs with work left (damaged parts included).
 
 The sweep's report (finished, failed, unfinished jobs) is printed by ``harness.cli`` at the end.
 """
@@ -79,7 +80,9 @@ def launch(self, job_overrides: Sequence[Sequence[str]],
 
 
 def _finished_earlier(self, num: int, overrides: list[str]) -> bool:
-    """The job's run dir holds a finished run (run.json) of the job's very config."""
+    """The job's run dir holds a finished run (run.json) of the job's very config, whose parts
+    all match the manifest (a damaged job is submitted again: it recomputes those parts)."""
+    from harness.manifest import inspect_run
     from harness.store import CLAIM, config_digest
 
     try:
@@ -90,6 +93,8 @@ def _finished_earlier(self, num: int, overrides: list[str]) -> bool:
         if str(cfg.get("resume", "auto")).lower() == "false":
             return False
         if not (run_dir / "run.json").is_file() or not (run_dir / CLAIM).is_file():
+            return False
+        if not inspect_run(run_dir).whole:
             return False
         config = {key: OmegaConf.to_container(cfg[key], resolve=True)
                   if OmegaConf.is_config(cfg[key]) else cfg[key]

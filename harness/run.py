@@ -68,7 +68,7 @@ def execute(plan: RunPlan) -> Path:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     device = resolve_device(plan.device)
-    run_id, kept = claim_run_dir(plan.run_dir, plan.digest, plan.resume)
+    run_id, _ = claim_run_dir(plan.run_dir, plan.digest, plan.resume)
     torch.manual_seed(plan.seed)
     if plan.flush_denormal:
         torch.set_flush_denormal(True)  # subnormal activations/gradients slow CPU kernels down
@@ -78,6 +78,9 @@ def execute(plan: RunPlan) -> Path:
                                     "shard": plan.shard, "num_shards": plan.num_shards,
                                     "weights": built.weights},
                      CHECKS.facts(plan.check))
+    for line in store.problems:  # parts it does not trust (moved aside), foreign files
+        print(f"[sanity] {line}")
+    kept = len(store.done)
     if kept:
         print(f"[sanity] resuming {plan.run_dir}: {kept} finished parts kept, computing only "
               "the rest")
@@ -342,6 +345,8 @@ def run_record(plan: RunPlan, built: Built, run_id: str, store: RunStore, timing
               "data_source": built.data.source, "inputs": len(built.data.samples),
               "warnings": built.warnings, "rows": store.rows_written, "timings": timings,
               "parts_kept": kept, "parts_computed": store.parts,
+              "parts": store.committed_rows(),  # every rows part -> rows (sanity verify)
+              "rows_total": sum(store.committed_rows().values()),
               "metric_settings": {s.name: dict(s.fn.keywords) for s in built.metrics}}
     if built.trainer is not None:
         record["trained"] = {k: trained_record(t) for k, t in built.trainer.trained.items()}

@@ -1,6 +1,10 @@
-"""The one module that writes results: parquet row parts, map arrays, run.json.
+"""The one module that writes results: parquet row parts, map arrays, run.json, and the
+manifest that lists every committed part with its unit, row count and checksum
+(:mod:`harness.manifest`).
 
-Every file is written to a temporary name and renamed, so a reader never sees half a file.
+Every file is written to a temporary name and renamed, so a reader never sees half a file; a
+part is committed when the manifest lists it, and a resumed run trusts only committed parts that
+still match their checksums (the others are moved aside and their units recomputed).
 """
 from __future__ import annotations
 
@@ -17,13 +21,25 @@ import numpy as np
 
 from harness.base.context import REQUIRED_COLUMNS, CheckFacts, MapRecord, StageDone
 from harness.data import Dataset
+from harness.manifest import (  # noqa: F401  (read_rows: the reader, also harness.read_rows)
+    CLAIM,
+    DAMAGED,
+    FAILED,
+    FIGURES,
+    MANIFEST,
+    MAPS,
+    ROWS,
+    VERSION,
+    Inspection,
+    inspect_run,
+    load_manifest,
+    part_entry,
+    read_rows,
+)
 
 if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits
     import pandas as pd
 
-ROWS, MAPS, FIGURES = "rows", "maps", "figures"
-CLAIM = "claim.json"  # written when a run starts: its run_id and config digest, for resuming
-FAILED = "failed.json"  # written when a run stops on an error, for the collect step
 # keys that change neither rows nor maps: left out of the config digest
 DIGEST_EXCLUDES = ("progress", "figures", "resume", "cache_dir", "hydra")
 
@@ -44,8 +60,40 @@ def part_name(unit: Unit) -> str:
 
 
 def finished_parts(run_dir: Path | str) -> frozenset[str]:
-    """The names of the parts a run directory holds (renamed into place, so whole)."""
-    return frozenset(p.name for p in (Path(run_dir) / ROWS).glob("part-*.parquet"))
+    """The names of the rows parts a run directory holds that its manifest lists (committed;
+    :class:`RunStore` also checks their checksums before it trusts them)."""
+    entries, _ = load_manifest(run_dir)
+    return frozenset(Path(p).name for p in entries
+                     if p.startswith(ROWS + "/") and (Path(run_dir) / p).is_file())
+
+
+def set_aside_damaged(run_dir: Path) -> tuple[Inspection, list[str]]:
+    """Check every part against the manifest before a run trusts it: a part that is not in the
+    manifest or differs from its checksum is moved to ``rows/.damaged/`` (``maps/.damaged/``),
+    never deleted. Returns the inspection and one log line per problem; the manifest keeps the
+    entries of damaged and lost parts, so their units count as unfinished until recomputed."""
+    inspection = inspect_run(run_dir)
+    lines = []
+    for relative, why in inspection.damaged.items():
+        moved = _move_aside(run_dir, relative)
+        again = ", its unit is recomputed" if relative in inspection.entries else ""
+        lines.append(f"damaged part {relative} ({why}): moved to {moved}{again}")
+    lines += [f"missing part {relative} (committed, then deleted or moved): its unit is "
+              "recomputed" for relative in inspection.lost]
+    lines += [f"warning: {line}" for line in inspection.warnings()]
+    return inspection, lines
+
+
+def _move_aside(run_dir: Path, relative: str) -> str:
+    top, _, rest = relative.partition("/")
+    target = run_dir / top / DAMAGED / rest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    number = 0
+    while target.exists():  # damaged again: keep every copy
+        number += 1
+        target = run_dir / top / DAMAGED / f"{rest}.{number}"
+    (run_dir / relative).rename(target)
+    return target.relative_to(run_dir).as_posix()
 
 
 class RunStore:
@@ -72,7 +120,12 @@ class RunStore:
         (self.run_dir / ROWS).mkdir(parents=True, exist_ok=True)
         for stale in (self.run_dir / ROWS).glob(".*.tmp-*"):  # left by a killed writer
             stale.unlink()
-        self.done = finished_parts(self.run_dir)  # kept from an earlier, interrupted run
+        inspection, self.problems = set_aside_damaged(self.run_dir)  # lines for the log
+        self.entries = inspection.entries  # the manifest, rewritten at every commit
+        again = {part_name(tuple(u.values())) for u in inspection.units_to_recompute()}
+        # kept from an earlier, interrupted run: committed, whole, and no map of it damaged
+        self.done = frozenset(Path(p).name for p in inspection.row_parts()
+                              if Path(p).name not in again and not inspection.unlisted)
         self.written: set[str] = set()
         self.rows_written = 0
 
@@ -122,9 +175,25 @@ class RunStore:
             tmp = _atomic(path)
             frame.to_parquet(tmp, index=False)
             tmp.rename(path)
+            self.commit(path, self.unit_dict(unit), len(frame))
             self.written.add(path.name)
             self.rows_written += len(frame)
         self.buffers.clear()
+
+    def unit_dict(self, unit: Unit) -> dict:
+        return {"check": unit[0], **dict(zip(self.facts.unit, unit[1:]))}
+
+    def commit(self, path: Path, unit: dict | None, rows: int) -> None:
+        """Record a part renamed into place in the manifest (rewritten atomically): a part
+        the manifest does not list is not trusted by a resumed run."""
+        relative = path.relative_to(self.run_dir).as_posix()
+        self.entries[relative] = part_entry(path, unit, rows)
+        self.write_json(MANIFEST, {"version": VERSION, "parts": self.entries})
+
+    def committed_rows(self) -> dict[str, int]:
+        """Rows part name -> its number of rows, for every rows part of the manifest."""
+        return {Path(p).name: e["rows"] for p, e in sorted(self.entries.items())
+                if p.startswith(ROWS + "/")}
 
     def complete(self, row: dict) -> dict:
         """The row with the common columns first and every declared column it leaves out."""
@@ -138,6 +207,9 @@ class RunStore:
         arrays = {k: v.float().numpy().astype(np.float16) for k, v in record.maps.items()}
         _save_npz(path, samples=record.samples.numpy().astype(np.int64),
                   stage=np.array(record.stage), **arrays)
+        known = {"stage_index": record.stage_index, "method": record.method}
+        unit = {c: known.get(c, self.defaults.get(c)) for c in self.facts.unit}
+        self.commit(path, {"check": record.check, **unit}, len(record.samples))
 
     def write_inputs(self, data: Dataset, k: int) -> None:
         k = min(k, len(data.samples))
@@ -148,6 +220,7 @@ class RunStore:
             arrays["class_names"] = np.array([data.class_names[i] for i in
                                               data.labels[:k].tolist()])
         _save_npz(self.run_dir / MAPS / "inputs.npz", **arrays)
+        self.commit(self.run_dir / MAPS / "inputs.npz", None, k)
 
     def write_json(self, name: str, payload: dict) -> Path:
         return self.write_json_to(self.run_dir, name, payload)
@@ -166,13 +239,6 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
     tmp.rename(path)
-
-
-def read_rows(run_dir: Path | str) -> "pd.DataFrame":
-    """The whole table of a run."""
-    import pandas as pd
-
-    return pd.read_parquet(Path(run_dir) / ROWS)
 
 
 def config_digest(config: dict) -> str:
@@ -194,7 +260,7 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
     path = Path(run_dir) / CLAIM
     earlier = json.loads(path.read_text()) if path.is_file() else None
     (Path(run_dir) / FAILED).unlink(missing_ok=True)
-    if earlier and earlier["config_digest"] != digest and not finished_parts(run_dir):
+    if earlier and earlier["config_digest"] != digest and not _any_part(run_dir):
         earlier = None  # a run that stopped before finishing any part: nothing to protect
     if earlier and earlier["config_digest"] != digest:
         raise ValueError(f"run dir {run_dir} holds a run of a different config (digest "
@@ -202,16 +268,22 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
                          "hydra.run.dir or delete that one")
     if earlier is None and resume == "true":
         raise ValueError(f"resume=true but run dir {run_dir} holds no earlier run to resume")
-    if not path.is_file() and any((Path(run_dir) / ROWS).glob("*.parquet")):
+    if not path.is_file() and _any_part(run_dir):
         raise ValueError(f"run dir {run_dir} holds rows of a run without {CLAIM} (an older "
                          "harness?); choose another hydra.run.dir or delete that one")
     if earlier and resume != "false":
         return earlier["run_id"], len(finished_parts(run_dir))
     for folder in (ROWS, MAPS, FIGURES):
         shutil.rmtree(Path(run_dir) / folder, ignore_errors=True)
+    (Path(run_dir) / MANIFEST).unlink(missing_ok=True)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     RunStore.write_json_to(Path(run_dir), CLAIM, {"run_id": run_id, "config_digest": digest})
     return run_id, 0
+
+
+def _any_part(run_dir: Path | str) -> bool:
+    """Does the dir hold parquet rows, committed or not (never overwritten by another config)?"""
+    return any((Path(run_dir) / ROWS).glob("*.parquet"))
 
 
 def record_failure(run_dir: Path, message: str) -> None:

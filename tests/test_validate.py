@@ -10,7 +10,7 @@ from harness.base.registry import Range
 from harness.cli import descriptions, options, sweep_dir_override
 from harness.data import DATASETS
 from harness.run import take_shard
-from harness.store import claim_run_dir, finished_parts
+from harness.store import RunStore, claim_run_dir, finished_parts
 from harness.validate import check_hparams, check_shard
 from methods import METHODS
 
@@ -66,7 +66,12 @@ def test_claims_resume_same_config_and_refuse_another(tmp_path):
     run_id, kept = claim_run_dir(tmp_path, "a" * 12, "auto")
     assert kept == 0
     (tmp_path / "rows").mkdir()
-    (tmp_path / "rows" / "part-cascading-001-gradient.parquet").write_bytes(b"")
+    (tmp_path / "rows" / "part-cascading-000-gradient.parquet").write_bytes(b"")
+    assert not finished_parts(tmp_path)  # not committed: never counted as finished
+    store = RunStore(tmp_path, {})  # sets the uncommitted part aside
+    part = tmp_path / "rows" / "part-cascading-001-gradient.parquet"
+    part.write_bytes(b"")
+    store.commit(part, {"check": "cascading", "stage_index": 1, "method": "gradient"}, 0)
     assert finished_parts(tmp_path) == {"part-cascading-001-gradient.parquet"}
     assert claim_run_dir(tmp_path, "a" * 12, "true") == (run_id, 1)  # resumed, same id
     with pytest.raises(ValueError, match="different config"):
