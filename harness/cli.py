@@ -154,7 +154,8 @@ def check_override_keys(argv: list[str], conf_dirs: tuple[Path, ...]) -> None:
         else:
             node = _option_node(group, _selected(argv, group), conf_dirs)
             if node is not None:  # with the keys config.yaml gives every option of the group
-                top = OmegaConf.load(CONF_DIR / "config.yaml").get(group) or {}
+                top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"),
+                                             resolve=False).get(group) or {}
                 _check_key(group, path[0], {**node, **top})
 
 
@@ -179,8 +180,8 @@ def _option_node(group: str, name: str, conf_dirs: tuple[Path, ...]):
     for folder in (CONF_DIR, *conf_dirs):
         path = folder / group / f"{name}.yaml"
         if re.fullmatch(r"\w+", name or "") and path.is_file():
-            loaded = OmegaConf.load(path)
-            return {k: v for k, v in loaded.items() if k != "defaults"} if loaded else {}
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+            return {k: v for k, v in loaded.items() if k != "defaults"}
     return None
 
 
