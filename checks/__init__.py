@@ -9,6 +9,7 @@ from checks import (  # noqa: F401  (fill it)
     deletion_insertion,
     input_bias,
     model_randomization,
+    pic,
     random_labels,
 )
 from checks.registry import CHECKS

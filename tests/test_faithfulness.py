@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -167,12 +168,80 @@ def run_as_cli(run_dir, *overrides: str):
 
 @pytest.mark.parametrize("check, overrides", [
     ("deletion_insertion", ("check.steps=8",)),
+    ("pic", ("check.min_pred_value=0.0",)),
 ])
 def test_check_runs_through_the_cli_path(tmp_path, check, overrides):
     run_dir = run_as_cli(tmp_path / "run", f"check={check}", "method=[gradient,random_uniform]",
                          *overrides)
     rows = pd.read_parquet(run_dir / "rows")
     assert set(rows["method"]) == {"gradient", "random_uniform"}
-    assert rows["value"].notna().all()
+    assert (rows["value"].notna() | (rows["reason"] != "")).all()  # NaN only with a reason
+    assert rows[rows["metric"].str.endswith("_auc")]["value"].notna().any()
     stems = {p.stem for p in (run_dir / "figures").glob("*.png")}
     assert {f"{check}_curves", f"{check}_auc"} <= stems
+
+
+# --------------------------------------------------------------------------- PIC vs PAIR
+
+
+def held_out_images() -> list[np.ndarray]:
+    """Photos the harness never ships as a dataset (scikit-image's), 40 x 48 uint8 RGB."""
+    from skimage import data
+    from skimage.transform import resize
+
+    return [np.round(resize(getattr(data, name)(), (40, 48), anti_aliasing=True) * 255)
+            .astype(np.uint8) for name in ("astronaut", "coffee", "chelsea")]
+
+
+def detail(images: np.ndarray) -> np.ndarray:
+    """A score that grows with the image's detail (mean |horizontal difference|), in (0, 1)."""
+    diff = np.abs(np.diff(images.astype(np.float64), axis=2)).mean(axis=(1, 2, 3))
+    return diff / (diff + 8.0)
+
+
+@pytest.mark.parametrize("kind", ["sic", "aic"])
+def test_pic_equals_pair(monkeypatch, kind):
+    pair = pytest.importorskip("saliency.metrics.pic")
+    # PAIR's AUC calls np.trapz, which numpy 2.4 removed: the same rule under its new name
+    monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
+    from checks.pic import (THRESHOLDS, CurveSettings, aggregated_row, blurred_image, pic_curve,
+                            random_mask, threshold_images, webp_size)
+
+    settings = CurveSettings(min_pred_value=0.0)
+    ours, theirs = [], []
+    for k, img in enumerate(held_out_images()):
+        rng = np.random.default_rng(k)
+        saliency = rng.random(img.shape[:2]) + np.linspace(0, 1, img.shape[1])[None]
+        known = random_mask(*img.shape[:2], 0.01, rng)
+        # AIC: "correct" once the detail is halfway between the start image's and the photo's
+        halfway = detail(np.stack([img, blurred_image(img, known)])).mean()
+
+        def pred_func(images: np.ndarray, halfway=halfway) -> list[float]:
+            score = detail(images)
+            return list(score if kind == "sic" else (score > halfway).astype(float))
+
+        try:
+            reference = pair.compute_pic_metric(img, saliency, known, pred_func, THRESHOLDS,
+                                                min_pred_value=0.0)
+        except pair.ComputePicMetricError:
+            reference = None
+        start = blurred_image(img, known)
+        steps = threshold_images(img, saliency, known, THRESHOLDS)
+        score = [pred_func(im[None])[0] for im in (img, start, *steps)]
+        curve_x, curve_y, auc, reason = pic_curve(
+            (webp_size(img), score[0]), (webp_size(start), score[1]),
+            [(webp_size(im), s) for im, s in zip(steps, score[2:])], settings)
+        assert bool(reason) == (reference is None)
+        if reference is None:
+            continue
+        for a, b in zip([start, *steps], reference.blurred_images[:-1]):
+            assert np.array_equal(a, b)  # the same uint8 images
+        np.testing.assert_allclose(curve_x, reference.curve_x, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(curve_y, reference.curve_y, rtol=0, atol=1e-6)
+        assert auc == pytest.approx(reference.auc, abs=1e-6)
+        ours.append(curve_y)
+        theirs.append(reference)
+    assert theirs, "every image was skipped: the test compares nothing"
+    aggregated = pair.aggregate_individual_pic_results(theirs, method="median")
+    assert aggregated_row({}, kind, ours, 1000)["value"] == pytest.approx(aggregated.auc,
+                                                                         abs=1e-6)
