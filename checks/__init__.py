@@ -11,6 +11,7 @@ from checks import (  # noqa: F401  (fill it)
     model_randomization,
     pic,
     random_labels,
+    road,
 )
 from checks.registry import CHECKS
 

@@ -37,8 +37,13 @@ from PIL import Image
 from scipy import interpolate
 from torch import Tensor
 
-from checks.faithfulness import RANKING, chunked_outputs, faithfulness_summary, ranking_maps, \
-    scoring_model
+from checks.faithfulness import (
+    RANKING,
+    chunked_outputs,
+    faithfulness_summary,
+    ranking_maps,
+    scoring_model,
+)
 from checks.faithfulness_figures import auc_figure, curves_figure
 from checks.registry import CHECKS
 from checks.scoring import map_record, method_hparams, predict

@@ -169,6 +169,7 @@ def run_as_cli(run_dir, *overrides: str):
 @pytest.mark.parametrize("check, overrides", [
     ("deletion_insertion", ("check.steps=8",)),
     ("pic", ("check.min_pred_value=0.0",)),
+    ("road", ("check.fractions=[0.2,0.5,0.8]",)),
 ])
 def test_check_runs_through_the_cli_path(tmp_path, check, overrides):
     run_dir = run_as_cli(tmp_path / "run", f"check={check}", "method=[gradient,random_uniform]",
@@ -204,8 +205,16 @@ def test_pic_equals_pair(monkeypatch, kind):
     pair = pytest.importorskip("saliency.metrics.pic")
     # PAIR's AUC calls np.trapz, which numpy 2.4 removed: the same rule under its new name
     monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
-    from checks.pic import (THRESHOLDS, CurveSettings, aggregated_row, blurred_image, pic_curve,
-                            random_mask, threshold_images, webp_size)
+    from checks.pic import (
+        THRESHOLDS,
+        CurveSettings,
+        aggregated_row,
+        blurred_image,
+        pic_curve,
+        random_mask,
+        threshold_images,
+        webp_size,
+    )
 
     settings = CurveSettings(min_pred_value=0.0)
     ours, theirs = [], []
@@ -245,3 +254,37 @@ def test_pic_equals_pair(monkeypatch, kind):
     aggregated = pair.aggregate_individual_pic_results(theirs, method="median")
     assert aggregated_row({}, kind, ours, 1000)["value"] == pytest.approx(aggregated.auc,
                                                                          abs=1e-6)
+
+
+# --------------------------------------------------------------------------- ROAD
+
+
+def test_road_imputation_is_the_neighbours_weighted_mean():
+    from checks.road import NEIGHBOURS, impute
+
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 9, 11))
+    removed = rng.random((9, 11)) < 0.4
+    out = impute(image, removed, 0.0, rng)
+    assert np.array_equal(out[:, ~removed], image[:, ~removed])  # known pixels untouched
+    for i, j in np.argwhere(removed):  # each removed pixel: the mean of its neighbours
+        total, weights = 0.0, 0.0
+        for (di, dj), w in NEIGHBOURS:
+            if 0 <= i + di < 9 and 0 <= j + dj < 11:
+                total, weights = total + w * out[:, i + di, j + dj], weights + w
+        np.testing.assert_allclose(out[:, i, j], total / weights, rtol=0, atol=1e-12)
+    # a linear image is its own imputation away from the border (the stencil is symmetric)
+    ramp = np.broadcast_to(np.arange(11.0), (1, 9, 11)).copy()
+    inner = np.zeros((9, 11), dtype=bool)
+    inner[3:6, 3:8] = True
+    np.testing.assert_allclose(impute(ramp, inner, 0.0, rng), ramp, rtol=0, atol=1e-12)
+
+
+def test_road_orders_on_the_region_model():
+    model = RegionModel()
+    data = region_data(6)
+    methods = {"region": region, "complement": complement}
+    rows = table("road", context(model, data, methods), fractions=[0.25, 0.5, 0.75], noise=0.0)
+    gap = rows[rows["metric"] == "road_gap"].set_index(["method", "sample"])["value"]
+    # removing R first (MoRF of the region map) hurts more than removing it last
+    assert (gap["region"] > gap["complement"]).all()
