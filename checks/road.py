@@ -181,4 +181,4 @@ def method_rows(ctx: CheckContext, base: dict, probs: Tensor, correct: Tensor, t
                    "reason": "" if len(fractions) > 1 else "one fraction: no area"}
         gap = auc["lerf"] - auc["morf"]
         yield {**row, "metric": "road_gap", "value": gap,
-               "reason": "" if gap == gap else "one fraction: no area"}
+               "reason": "one fraction: no area" if math.isnan(gap) else ""}
