@@ -64,6 +64,7 @@ def curve_panels(rows: pd.DataFrame, metrics: tuple[str, ...], x: str, xlabel: s
                 ax.plot(line["stage_index"], line["mean"], label=method, linewidth=1.3,
                         color=style["color"], linestyle=style["linestyle"])
             ax.set_title(metric.replace("_", " "))
+            ax.set_ylim(-0.05, 1.05)  # every curve is a probability, a share or normalized
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3, linewidth=0.5)
         axes[0].set_ylabel(ylabel)
