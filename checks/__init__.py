@@ -5,7 +5,14 @@ that does no file I/O (the runner writes), registered with what it declares abou
 (:class:`harness.base.context.CheckFacts`: its extra columns, its unit of work for resume, its
 end-of-run summary and its figures, which may live in a module ``checks/<name>_figures.py``).
 """
-from checks import input_bias, model_randomization, random_labels  # noqa: F401  (fill it)
+from checks import (  # noqa: F401  (fill it)
+    deletion_insertion,
+    input_bias,
+    model_randomization,
+    pic,
+    random_labels,
+    road,
+)
 from checks.registry import CHECKS
 
 __all__ = ["CHECKS"]

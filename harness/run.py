@@ -156,6 +156,7 @@ def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
     store.write_inputs(built.data, plan.n_maps)
     ctx = CheckContext(model=built.model, data=built.data, methods=built.methods,
                        metrics=built.metrics, seed=plan.seed, batch_size=plan.batch_size,
+                       internal_batch_size=plan.internal_batch_size,
                        n_maps=plan.n_maps, progress=plan.progress, train=built.trainer,
                        finished=partial(store.finished, plan.check))
     print(f"[sanity] {plan.model_label} on {built.data.source}: {len(built.data.samples)} "

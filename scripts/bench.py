@@ -275,6 +275,41 @@ def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Te
           f"{((batched - looped).abs().max() / scale).item():.1e} of the largest value")
 
 
+def bench_deletion(n: int = 2, steps: int = 49) -> None:
+    """(d) deletion/insertion through the harness against Quantus's PixelFlipping on equal
+    work: the same model, photos, gradient maps and steps, pixel-level ranking (resolution 224),
+    49 steps of 1024 pixels (224 * 224 = 49 * 1024: Quantus needs a divisor). The harness
+    computes both curves (2x the images); Quantus only deletion."""
+    import quantus
+
+    model = MODELS["efficientnet_lite0"]()
+    data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
+    x = data.inputs
+    target = model(x).argmax(1)
+    maps = METHODS["gradient"](model, x, target).abs().sum(1, keepdim=True).detach()
+    ctx = CheckContext(model=model, data=data, methods={"gradient": lambda m, x, t: maps},
+                       metrics=[], progress=False, internal_batch_size=16)
+
+    def harness() -> None:
+        for _ in CHECKS["deletion_insertion"](ctx, baseline="zero", resolution=224,
+                                              steps=steps):
+            pass
+
+    def reference() -> None:
+        metric = quantus.PixelFlipping(features_in_step=224 * 224 // steps,
+                                       perturb_baseline="black", disable_warnings=True,
+                                       display_progressbar=False)
+        metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=maps.numpy(),
+               device="cpu")
+
+    ours, theirs = timed(harness, repeat=1), timed(reference, repeat=1)
+    images = 2 * n + 2 * n * (steps - 1)
+    print(f"(d) deletion+insertion, {n} photos, gradient, {steps} steps, pixel ranking")
+    print(f"    harness (both curves, {images} images): {ours:7.1f} s")
+    print(f"    Quantus PixelFlipping (deletion only, {n * (steps + 1)} images): {theirs:7.1f} s"
+          f"   ratio {theirs / ours:.2f}x (per image {theirs / (n * (steps + 1)) / (ours / images):.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -290,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     bench_cascading()
     bench_metrics()
+    bench_deletion()
 
 
 if __name__ == "__main__":

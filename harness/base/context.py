@@ -51,6 +51,7 @@ class CheckContext:
     metrics: list[MetricSpec]
     seed: int = 0
     batch_size: int = 16  # images per method call (each method chunks further internally)
+    internal_batch_size: int = 16  # rows per forward pass of a check's own batches (perturbed images)
     n_maps: int = 4  # maps of the first n_maps samples are yielded for figures
     progress: bool = True
     # labels ("true" | "random") -> the run's architecture trained on them (cached checkpoints);
