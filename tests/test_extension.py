@@ -13,17 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf, open_dict
+from test_resume import run_in_process
 from torch import Tensor, nn
 
 from checks import CHECKS
 from checks.scoring import explain_all, map_record, score
 from harness.base.context import CheckContext, FigureData, MapRecord, StageDone
 from harness.base.registry import Range
-from harness.cli import CONF_DIR
-from harness.run import run, summary
+from harness.run import summary
 from methods import METHODS
 from methods.common import input_gradients
 
@@ -98,19 +96,11 @@ def contributed(tmp_path: Path) -> Iterator[Path]:
 
 
 def run_as_cli(conf: Path, run_dir: Path, *overrides: str) -> Path:
-    """What the ``sanity`` app does with a composed config (harness.cli)."""
-    args = [f"hydra.searchpath=[file://{conf}]", "model=tiny_cnn", "dataset=digits",
-            "dataset.n=3", "method=[gradient,scaled_gradient]", "check=input_noise",
-            "metric=[spearman]", "progress=false", "n_maps=2", *overrides]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=args, return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    try:
-        return run(cfg, choices, run_dir)
-    finally:
-        torch.set_flush_denormal(False)
+    """What the ``sanity`` app does with a composed config (harness.cli), in this process."""
+    return run_in_process([f"hydra.searchpath=[file://{conf}]", "model=tiny_cnn",
+                           "dataset=digits", "dataset.n=3", "method=[gradient,scaled_gradient]",
+                           "check=input_noise", "metric=[spearman]", "progress=false",
+                           "n_maps=2", *overrides], run_dir)
 
 
 def test_contributed_check_and_method_run_resume_summarize_and_draw(contributed, tmp_path):

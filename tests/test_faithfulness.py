@@ -21,15 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
 from scipy.special import stdtrit
+from test_resume import run_in_process
 from torch import Tensor, nn
 
 from checks import CHECKS
 from harness.base.context import CheckContext, Dataset
-from harness.cli import CONF_DIR
-from harness.run import run
 from methods import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,17 +150,8 @@ def test_every_perturbed_image_is_batched():
 
 
 def run_as_cli(run_dir, *overrides: str):
-    args = ["model=tiny_cnn", "dataset=digits", "dataset.n=2", "metric=[spearman]",
-            "progress=false", "n_maps=1", *overrides]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=args, return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    try:
-        return run(cfg, choices, run_dir)
-    finally:
-        torch.set_flush_denormal(False)
+    return run_in_process(["model=tiny_cnn", "dataset=digits", "dataset.n=2",
+                           "metric=[spearman]", "progress=false", "n_maps=1", *overrides], run_dir)
 
 
 @pytest.mark.parametrize("check, overrides", [
