@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install bench figures collect list data clean slurm-start slurm-stop slurm-status
+.PHONY: run test test-kernels install bench figures collect list data clean slurm-start slurm-stop slurm-status
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The modules that compare numbers of two code paths, again on torch's plainest kernels (no
+# AVX): a tolerance that holds on one CPU's kernels only fails here, not on a user's machine.
+NUMERIC := tests/test_methods.py tests/test_methods_paths.py tests/test_methods_seed.py \
+	tests/test_metrics.py tests/test_fold.py tests/test_input_bias.py tests/test_checks.py \
+	tests/test_randomize.py tests/test_faithfulness.py
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(NUMERIC)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
