@@ -178,7 +178,7 @@ def _app():
         from harness.allocator import tune_allocator
         from harness.base.registry import UnknownNameError
         from harness.run import run, summary
-        from harness.store import record_failure
+        from harness.store import RunDirBusy, record_failure
 
         tune_allocator()  # also in a launcher's job process (a no-op when already set)
 
@@ -188,11 +188,12 @@ def _app():
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
         run_dir = Path(hydra_cfg.runtime.output_dir)
         use_allocated_cpus()
-        stop_on_sigterm(run_dir)
+        stop_on_signals(run_dir)
         try:
             run(cfg, choices, run_dir)
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
-            record_failure(run_dir, str(err))
+            if not isinstance(err, RunDirBusy):  # the dir is another process's
+                record_failure(run_dir, str(err))
             print(f"sanity: error: {err}", file=sys.stderr)
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 return  # the other jobs go on; main() and sanity-collect report the failure
@@ -245,6 +246,7 @@ def main() -> None:
     from harness.allocator import tune_allocator
 
     tune_allocator()  # before torch allocates: the entry point, not an import, sets it
+    stop_on_signals()  # also while loading: one line, no traceback
     argv = sys.argv[1:]
     if argv[:1] == ["list"]:
         list_main()
@@ -289,27 +291,37 @@ def report_failed_jobs(argv: list[str]) -> int:
 
 
 class Stopped(SystemExit):
-    """SIGTERM in a SLURM job: not an error of the run (collect reports it unfinished)."""
+    """Ctrl-C or SIGTERM: not an error of the run (collect reports it unfinished)."""
 
 
-def stop_on_sigterm(run_dir: Path) -> None:
-    """Inside a SLURM job, SIGTERM (``scancel``, the time limit, preemption) stops the run at
-    once. submitit ignores SIGTERM, so a cancelled job computed on until SLURM's KillWait (30 s
-    by default) and could even finish after squeue said CANCELLED. Finished parts are whole
-    (atomic renames): rerunning the sweep command resumes the job."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return
+SIGNALS = {"SIGINT": (130, "Ctrl-C"), "SIGTERM": (143, "SIGTERM")}  # exit status 128 + signum
+
+
+def stop_on_signals(run_dir: Path | None = None) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM sends on ``scancel``, the time limit or
+    preemption) stop the run at once with one line and exit 130 / 143. Every file is renamed
+    into place whole, so what is interrupted is a temporary file (removed by the next run) or
+    a buffered unfinished stage (never written): rerunning the same command resumes. Inside a
+    SLURM job this matters too: submitit ignores SIGTERM, so a cancelled job computed on until
+    SLURM's KillWait (30 s by default) and could finish after squeue said CANCELLED."""
     import signal
 
     def stop(signum, frame):
         from harness.store import finished_parts
 
-        print(f"[sanity] stopped by SIGTERM (scancel, time limit or preemption): "
-              f"{len(finished_parts(run_dir))} finished parts kept in {run_dir}; rerun the "
-              "command to resume", file=sys.stderr, flush=True)
-        raise Stopped(143)
+        name = signal.Signals(signum).name
+        status, what = SIGNALS[name]
+        if "SLURM_JOB_ID" in os.environ and name == "SIGTERM":
+            what = "SIGTERM (scancel, time limit or preemption)"
+        kept = (f"{len(finished_parts(run_dir))} finished parts kept in {run_dir}"
+                if run_dir is not None else "nothing was computed")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no traceback either
+        print(f"[sanity] stopped by {what}: {kept}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        raise Stopped(status)
 
-    signal.signal(signal.SIGTERM, stop)
+    for name in SIGNALS:
+        signal.signal(getattr(signal, name), stop)
 
 
 def use_allocated_cpus() -> None:

@@ -4,12 +4,17 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +29,8 @@ if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command
 ROWS, MAPS, FIGURES = "rows", "maps", "figures"
 CLAIM = "claim.json"  # written when a run starts: its run_id and config digest, for resuming
 FAILED = "failed.json"  # written when a run stops on an error, for the collect step
+RECORD = "run.json"  # written when a run finishes: never beside failed.json
+LOCK = "run.lock"  # held while a process owns the run dir: its pid and host, for the message
 # keys that change neither rows nor maps: left out of the config digest
 DIGEST_EXCLUDES = ("progress", "figures", "resume", "cache_dir", "hydra")
 
@@ -189,8 +196,8 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
     touched: that is an error.
     """
     resume = str(resume).lower()
-    if resume not in ("auto", "true", "false"):
-        raise ValueError(f"resume must be auto, true or false, got {resume!r}")
+    if resume not in ("auto", "true", "false", "wait"):
+        raise ValueError(f"resume must be auto, true, false or wait, got {resume!r}")
     path = Path(run_dir) / CLAIM
     earlier = json.loads(path.read_text()) if path.is_file() else None
     (Path(run_dir) / FAILED).unlink(missing_ok=True)
@@ -215,8 +222,84 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
 
 
 def record_failure(run_dir: Path, message: str) -> None:
-    """Mark a run as failed (read by the collect step); a later successful run clears it."""
+    """Mark a run as failed (read by the collect step); a later successful run clears it. The
+    dir's record of an earlier finished run goes: the dir's last run did not finish."""
     RunStore.write_json_to(Path(run_dir), FAILED, {"error": message})
+    (Path(run_dir) / RECORD).unlink(missing_ok=True)
+
+
+def record_finished(run_dir: Path, record: dict) -> Path:
+    """Write ``run.json``, the record of a finished run, and clear a failure of an earlier one."""
+    path = RunStore.write_json_to(Path(run_dir), RECORD, record)
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)
+    return path
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process owns the run dir (its lock is held)."""
+
+
+@contextmanager
+def own_run_dir(run_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the run dir's lock (``run.lock``: an exclusive ``flock``, with the owner's pid and
+    host written in it) for the body; released at the end, also on an error or a signal.
+
+    A lock held by a live process raises :class:`RunDirBusy` naming the owner, or with
+    ``wait`` blocks until it is released. The kernel releases a dead process's ``flock``
+    (also after SIGKILL), so a lock file left behind is taken over, with a message.
+    """
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = _acquire(path, wait)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the flock goes: a waiter re-checks the inode
+        handle.close()
+
+
+def _acquire(path: Path, wait: bool):
+    """The open lock file, flocked, with this process's pid and host written in it."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(path)
+            if not wait:
+                handle.close()
+                raise RunDirBusy(f"run dir {path.parent} is in use by {owner} (lock {path}); "
+                                 "wait for it, or rerun with resume=wait") from None
+            print(f"[sanity] run dir {path.parent} is in use by {owner}: waiting for it "
+                  "(resume=wait)", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if _same_file(handle, path):  # not a file its last owner removed meanwhile
+            break
+        handle.close()
+    if handle.seek(0, os.SEEK_END):  # a lock file left by a process that died
+        print(f"[sanity] taking over the stale lock of {_owner(path)} (that process is "
+              f"gone) in {path.parent}", file=sys.stderr, flush=True)
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    return handle
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _owner(path: Path) -> str:
+    """``pid 123 on host h (since ...)`` from a lock file (what it says; maybe half-written)."""
+    try:
+        owner = json.loads(path.read_text())
+        return f"pid {owner['pid']} on host {owner['host']} (since {owner['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
 
 
 def write_table(path: Path | str, table: pd.DataFrame) -> Path:
