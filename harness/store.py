@@ -261,7 +261,7 @@ def own_run_dir(run_dir: Path, wait: bool = False) -> Iterator[None]:
 def _acquire(path: Path, wait: bool):
     """The open lock file, flocked, with this process's pid and host written in it."""
     while True:
-        handle = open(path, "a+")
+        handle = open(path, "a+")  # noqa: SIM115 (held open: the flock lives with it)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

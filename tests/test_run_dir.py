@@ -49,9 +49,9 @@ def test_lock_names_its_owner(tmp_path):
     with own_run_dir(tmp_path):
         owner = json.loads((tmp_path / LOCK).read_text())
         assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
-        with pytest.raises(RunDirBusy, match=f"in use by pid {os.getpid()} on host "):
-            with own_run_dir(tmp_path):
-                pass
+        busy = pytest.raises(RunDirBusy, match=f"in use by pid {os.getpid()} on host ")
+        with busy, own_run_dir(tmp_path):
+            pass
     assert not (tmp_path / LOCK).exists()  # released
 
 
@@ -118,9 +118,9 @@ def test_signal_stops_with_one_line_and_the_rerun_completes(tmp_path, uninterrup
     assert code == status, err
     kept = len(list((run_dir / "rows").glob("part-*.parquet")))
     assert 0 < kept < PARTS, "the run finished before the signal"
-    assert err.strip().splitlines() == [
-        f"[sanity] stopped by {said}: {kept} finished parts kept in {run_dir}; rerun the same "
-        "command to resume"], err
+    line = (f"[sanity] stopped by {said}: {kept} finished parts kept in {run_dir}; rerun the "
+            "same command to resume")
+    assert err.strip().splitlines() == [line], err
     assert not (run_dir / FAILED).exists() and not (run_dir / "run.json").exists()
     assert not (run_dir / LOCK).exists()
 
