@@ -55,6 +55,9 @@ def _digest_resolver(*, _root_) -> str:
 
 if not OmegaConf.has_resolver("sanity_digest"):  # also registered in launcher job processes
     OmegaConf.register_new_resolver("sanity_digest", _digest_resolver)
+if not OmegaConf.has_resolver("sanity_selected"):  # `sanity --help`: the selected methods
+    OmegaConf.register_new_resolver(
+        "sanity_selected", lambda group, *, _root_: ",".join(_root_.get(group) or {}))
 
 
 class UsageError(Exception):
@@ -262,7 +265,8 @@ def main() -> None:
         sys.exit((figures if argv[0] == "figures" else collect).main(argv[1:]))
     try:
         validate_overrides(argv)
-        check_writable(argv)
+        if not {"--help", "-h", "--hydra-help"} & set(argv):  # help writes nothing
+            check_writable(argv)
     except UsageError as err:
         print(f"sanity: error: {err}", file=sys.stderr)
         sys.exit(2)
