@@ -180,6 +180,7 @@ def _app():
     def app(cfg: DictConfig) -> str | None:
         from harness.allocator import tune_allocator
         from harness.base.registry import UnknownNameError
+        from harness.console import log_console
         from harness.run import run, summary
         from harness.store import RunDirBusy, record_failure
 
@@ -190,6 +191,7 @@ def _app():
         hydra_cfg = HydraConfig.get()
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        log_console(run_dir / "cli.log")  # what the run prints, kept with it
         use_allocated_cpus()
         stop_on_signals(run_dir)
         try:
@@ -205,8 +207,9 @@ def _app():
             record_failure(run_dir, f"{type(err).__name__}: {err} (traceback in the job's log)")
             raise
         print(summary(run_dir))
-        print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}"
-              f"\n[sanity] figures: {run_dir / 'figures'}")
+        print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}")
+        if cfg.figures:  # no path for what was not written
+            print(f"[sanity] figures: {run_dir / 'figures'}")
         record = json.loads((run_dir / "run.json").read_text())
         # what a launcher logs for the job: a sweep on a cluster shows what each job did
         return (f"{record['parts_kept']} parts kept, {record['parts_computed']} parts computed, "

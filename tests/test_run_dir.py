@@ -121,12 +121,14 @@ def test_signal_stops_with_one_line_and_the_rerun_completes(tmp_path, uninterrup
     line = (f"[sanity] stopped by {said}: {kept} finished parts kept in {run_dir}; rerun the "
             "same command to resume")
     assert err.strip().splitlines() == [line], err
+    assert (run_dir / "cli.log").read_text().splitlines()[-1] == line  # kept with the run
     assert not (run_dir / FAILED).exists() and not (run_dir / "run.json").exists()
     assert not (run_dir / LOCK).exists()
 
     code, out, err = communicate(sanity(args, tmp_path))
     assert code == 0, err
     assert f"resumed: {kept} parts kept, {PARTS - kept} parts computed" in out, out
+    assert "[sanity] figures" not in out  # figures=false: no path for what was not written
     assert not list(run_dir.rglob(".*.tmp-*"))
     resumed = table(run_dir)
     pd.testing.assert_frame_equal(resumed[uninterrupted.columns], uninterrupted)
