@@ -3,7 +3,8 @@
 Before Hydra starts, the command line is checked (registry names against ``conf/``, the output
 dir for writability), so a typo fails in one line (Hydra's own message spans many lines).
 ``sanity list`` (also ``sanity-list``) lists what can be chosen; ``sanity figures`` and
-``sanity collect`` are ``sanity-figures`` and ``sanity-collect``; ``sanity --version``.
+``sanity collect`` are ``sanity-figures`` and ``sanity-collect``; ``sanity report DIR`` remakes
+a run's or a sweep's report.html; ``sanity --version``.
 
 The configs are the repository's top-level ``conf/``, installed as package data in
 ``harness/conf`` (pyproject.toml): :data:`CONF_DIR` is that folder after a normal install and the
@@ -210,6 +211,7 @@ def _app():
         print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}")
         if cfg.figures:  # no path for what was not written
             print(f"[sanity] figures: {run_dir / 'figures'}")
+        print(f"[sanity] report: {run_dir / 'report.html'}")
         record = json.loads((run_dir / "run.json").read_text())
         # what a launcher logs for the job: a sweep on a cluster shows what each job did
         return (f"{record['parts_kept']} parts kept, {record['parts_computed']} parts computed, "
@@ -262,6 +264,10 @@ def main() -> None:
 
         print(version_line())
         return
+    if argv[:1] == ["report"]:  # remake a run's or a sweep's report.html
+        from harness import report
+
+        sys.exit(report.main(argv[1:]))
     if argv[:1] in (["figures"], ["collect"]):  # the same as sanity-figures, sanity-collect
         from harness import collect, figures
 
@@ -276,7 +282,9 @@ def main() -> None:
     sys.argv += sweep_dir_override(argv) + plugin_searchpath(argv)
     _app()()
     if is_multirun(argv):
-        sys.exit(report_failed_jobs(sys.argv[1:]))
+        status = report_failed_jobs(sys.argv[1:])
+        write_sweep_report(sys.argv[1:])
+        sys.exit(status)
 
 
 def report_failed_jobs(argv: list[str]) -> int:
@@ -295,6 +303,15 @@ def report_failed_jobs(argv: list[str]) -> int:
     print(f"sanity: error: the sweep is incomplete; see sanity-collect {given[-1]}",
           file=sys.stderr)
     return 1
+
+
+def write_sweep_report(argv: list[str]) -> None:
+    """The sweep's report.html (each job wrote its own)."""
+    from harness.report import write_report
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    if given and Path(given[-1]).is_dir():
+        print(f"[sanity] sweep report: {write_report(given[-1])}")
 
 
 class Stopped(SystemExit):

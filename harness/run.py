@@ -23,6 +23,7 @@ from harness.base.context import CheckContext, MetricSpec
 from harness.base.meta import attach_meta, fallback_meta, model_meta
 from harness.data import DATASETS, Dataset
 from harness.plan import RunPlan, make_plan
+from harness.report import write_report
 from harness.store import RunStore, claim_run_dir, own_run_dir, read_rows, record_finished
 from harness.train import Trainer
 from harness.validate import check_input_size, check_model_needs
@@ -94,6 +95,7 @@ def execute_owned(plan: RunPlan) -> Path:
     timings["figures_s"] = draw_figures(plan.run_dir) if plan.figures else 0.0
     timings["total_s"] = time.perf_counter() - start
     record_finished(plan.run_dir, run_record(plan, built, run_id, store, timings, kept))
+    write_report(plan.run_dir)
     return plan.run_dir
 
 

@@ -302,6 +302,15 @@ def _owner(path: Path) -> str:
         return "another process"
 
 
+def write_text(path: Path | str, text: str) -> Path:
+    """A text file (e.g. report.html), written atomically."""
+    path = Path(path)
+    tmp = _atomic(path)
+    tmp.write_text(text, encoding="utf-8")
+    tmp.rename(path)
+    return path
+
+
 def write_table(path: Path | str, table: pd.DataFrame) -> Path:
     """One parquet file (e.g. a sweep's collected table), written atomically."""
     path = Path(path)
