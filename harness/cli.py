@@ -183,7 +183,7 @@ def _app():
         from harness.base.registry import UnknownNameError
         from harness.console import log_console
         from harness.run import run, summary
-        from harness.store import RunDirBusy, record_failure
+        from harness.store import RunDirTaken, record_failure
 
         tune_allocator()  # also in a launcher's job process (a no-op when already set)
 
@@ -198,7 +198,7 @@ def _app():
         try:
             run(cfg, choices, run_dir)
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
-            if not isinstance(err, RunDirBusy):  # the dir is another process's
+            if not isinstance(err, RunDirTaken):  # the dir is another run's: left alone
                 record_failure(run_dir, str(err))
             print(f"sanity: error: {err}", file=sys.stderr)
             if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -188,6 +188,15 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+class RunDirTaken(ValueError):
+    """The run dir is another run's (of another config, or of a live process): an error of
+    this run that marks nothing there (no failed.json written into the other's dir)."""
+
+
+class RunDirBusy(RunDirTaken):
+    """Another live process owns the run dir (its lock is held)."""
+
+
 def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, int]:
     """(run_id, number of finished parts kept) for a run of config ``digest`` in ``run_dir``.
 
@@ -200,22 +209,23 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
         raise ValueError(f"resume must be auto, true, false or wait, got {resume!r}")
     path = Path(run_dir) / CLAIM
     earlier = json.loads(path.read_text()) if path.is_file() else None
-    (Path(run_dir) / FAILED).unlink(missing_ok=True)
     if earlier and earlier["config_digest"] != digest and not finished_parts(run_dir):
         earlier = None  # a run that stopped before finishing any part: nothing to protect
     if earlier and earlier["config_digest"] != digest:
-        raise ValueError(f"run dir {run_dir} holds a run of a different config (digest "
-                         f"{earlier['config_digest']}, this config {digest}); choose another "
-                         "hydra.run.dir or delete that one")
+        raise RunDirTaken(f"run dir {run_dir} holds a run of a different config (digest "
+                          f"{earlier['config_digest']}, this config {digest}); choose another "
+                          "hydra.run.dir or delete that one")
     if earlier is None and resume == "true":
         raise ValueError(f"resume=true but run dir {run_dir} holds no earlier run to resume")
     if not path.is_file() and any((Path(run_dir) / ROWS).glob("*.parquet")):
-        raise ValueError(f"run dir {run_dir} holds rows of a run without {CLAIM} (an older "
-                         "harness?); choose another hydra.run.dir or delete that one")
+        raise RunDirTaken(f"run dir {run_dir} holds rows of a run without {CLAIM} (an older "
+                          "harness?); choose another hydra.run.dir or delete that one")
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)  # this run is the dir's now
     if earlier and resume != "false":
         return earlier["run_id"], len(finished_parts(run_dir))
     for folder in (ROWS, MAPS, FIGURES):
         shutil.rmtree(Path(run_dir) / folder, ignore_errors=True)
+    (Path(run_dir) / RECORD).unlink(missing_ok=True)  # the record of the run started over
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     RunStore.write_json_to(Path(run_dir), CLAIM, {"run_id": run_id, "config_digest": digest})
     return run_id, 0
@@ -233,10 +243,6 @@ def record_finished(run_dir: Path, record: dict) -> Path:
     path = RunStore.write_json_to(Path(run_dir), RECORD, record)
     (Path(run_dir) / FAILED).unlink(missing_ok=True)
     return path
-
-
-class RunDirBusy(RuntimeError):
-    """Another live process owns the run dir (its lock is held)."""
 
 
 @contextmanager
