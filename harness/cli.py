@@ -4,7 +4,8 @@ Before Hydra starts, the command line is checked (registry names against ``conf/
 dir for writability), so a typo fails in one line (Hydra's own message spans many lines).
 ``sanity list`` (also ``sanity-list``) lists what can be chosen; ``sanity figures`` and
 ``sanity collect`` are ``sanity-figures`` and ``sanity-collect``; ``sanity verify DIR`` checks a
-run or sweep dir against its manifests (``harness.verify``); ``sanity --version``.
+run or sweep dir against its manifests (``harness.verify``); ``sanity report DIR`` remakes a
+run's or a sweep's report.html; ``sanity --version``.
 
 The configs are the repository's top-level ``conf/``, installed as package data in
 ``harness/conf`` (pyproject.toml): :data:`CONF_DIR` is that folder after a normal install and the
@@ -56,6 +57,9 @@ def _digest_resolver(*, _root_) -> str:
 
 if not OmegaConf.has_resolver("sanity_digest"):  # also registered in launcher job processes
     OmegaConf.register_new_resolver("sanity_digest", _digest_resolver)
+if not OmegaConf.has_resolver("sanity_selected"):  # `sanity --help`: the selected methods
+    OmegaConf.register_new_resolver(
+        "sanity_selected", lambda group, *, _root_: ",".join(_root_.get(group) or {}))
 
 
 class UsageError(Exception):
@@ -195,8 +199,9 @@ def _app():
     def app(cfg: DictConfig) -> str | None:
         from harness.allocator import tune_allocator
         from harness.base.registry import UnknownNameError
+        from harness.console import log_console
         from harness.run import run, summary
-        from harness.store import record_failure
+        from harness.store import RunDirTaken, record_failure
 
         tune_allocator()  # also in a launcher's job process (a no-op when already set)
 
@@ -205,12 +210,14 @@ def _app():
         hydra_cfg = HydraConfig.get()
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        log_console(run_dir / "cli.log")  # what the run prints, kept with it
         use_allocated_cpus()
-        stop_on_sigterm(run_dir)
+        stop_on_signals(run_dir)
         try:
             run(cfg, choices, run_dir)
         except (UnknownNameError, ValueError, FileNotFoundError, RuntimeError) as err:
-            record_failure(run_dir, str(err))
+            if not isinstance(err, RunDirTaken):  # the dir is another run's: left alone
+                record_failure(run_dir, str(err))
             print(f"sanity: error: {err}", file=sys.stderr)
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 return  # the other jobs go on; main() and sanity-collect report the failure
@@ -219,8 +226,10 @@ def _app():
             record_failure(run_dir, f"{type(err).__name__}: {err} (traceback in the job's log)")
             raise
         print(summary(run_dir))
-        print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}"
-              f"\n[sanity] figures: {run_dir / 'figures'}")
+        print(f"[sanity] rows: {run_dir / 'rows'}\n[sanity] run record: {run_dir / 'run.json'}")
+        if cfg.figures:  # no path for what was not written
+            print(f"[sanity] figures: {run_dir / 'figures'}")
+        print(f"[sanity] report: {run_dir / 'report.html'}")
         record = json.loads((run_dir / "run.json").read_text())
         # what a launcher logs for the job: a sweep on a cluster shows what each job did
         return (f"{record['parts_kept']} parts kept, {record['parts_computed']} parts computed, "
@@ -263,6 +272,7 @@ def main() -> None:
     from harness.allocator import tune_allocator
 
     tune_allocator()  # before torch allocates: the entry point, not an import, sets it
+    stop_on_signals()  # also while loading: one line, no traceback
     argv = sys.argv[1:]
     if argv[:1] == ["list"]:
         list_main()
@@ -276,20 +286,27 @@ def main() -> None:
 
         print(version_line())
         return
+    if argv[:1] == ["report"]:  # remake a run's or a sweep's report.html
+        from harness import report
+
+        sys.exit(report.main(argv[1:]))
     if argv[:1] in (["figures"], ["collect"]):  # the same as sanity-figures, sanity-collect
         from harness import collect, figures
 
         sys.exit((figures if argv[0] == "figures" else collect).main(argv[1:]))
     try:
         validate_overrides(argv)
-        check_writable(argv)
+        if not {"--help", "-h", "--hydra-help"} & set(argv):  # help writes nothing
+            check_writable(argv)
     except UsageError as err:
         print(f"sanity: error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.argv += sweep_dir_override(argv) + plugin_searchpath(argv)
     _app()()
     if is_multirun(argv):
-        sys.exit(report_failed_jobs(sys.argv[1:]))
+        status = report_failed_jobs(sys.argv[1:])
+        write_sweep_report(sys.argv[1:])
+        sys.exit(status)
 
 
 def report_failed_jobs(argv: list[str]) -> int:
@@ -310,28 +327,47 @@ def report_failed_jobs(argv: list[str]) -> int:
     return 1
 
 
+def write_sweep_report(argv: list[str]) -> None:
+    """The sweep's report.html (each job wrote its own)."""
+    from harness.report import write_report
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    if given and Path(given[-1]).is_dir():
+        print(f"[sanity] sweep report: {write_report(given[-1])}")
+
+
 class Stopped(SystemExit):
-    """SIGTERM in a SLURM job: not an error of the run (collect reports it unfinished)."""
+    """Ctrl-C or SIGTERM: not an error of the run (collect reports it unfinished)."""
 
 
-def stop_on_sigterm(run_dir: Path) -> None:
-    """Inside a SLURM job, SIGTERM (``scancel``, the time limit, preemption) stops the run at
-    once. submitit ignores SIGTERM, so a cancelled job computed on until SLURM's KillWait (30 s
-    by default) and could even finish after squeue said CANCELLED. Finished parts are whole
-    (atomic renames): rerunning the sweep command resumes the job."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return
+SIGNALS = {"SIGINT": (130, "Ctrl-C"), "SIGTERM": (143, "SIGTERM")}  # exit status 128 + signum
+
+
+def stop_on_signals(run_dir: Path | None = None) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM sends on ``scancel``, the time limit or
+    preemption) stop the run at once with one line and exit 130 / 143. Every file is renamed
+    into place whole, so what is interrupted is a temporary file (removed by the next run) or
+    a buffered unfinished stage (never written): rerunning the same command resumes. Inside a
+    SLURM job this matters too: submitit ignores SIGTERM, so a cancelled job computed on until
+    SLURM's KillWait (30 s by default) and could finish after squeue said CANCELLED."""
     import signal
 
     def stop(signum, frame):
         from harness.store import finished_parts
 
-        print(f"[sanity] stopped by SIGTERM (scancel, time limit or preemption): "
-              f"{len(finished_parts(run_dir))} finished parts kept in {run_dir}; rerun the "
-              "command to resume", file=sys.stderr, flush=True)
-        raise Stopped(143)
+        name = signal.Signals(signum).name
+        status, what = SIGNALS[name]
+        if "SLURM_JOB_ID" in os.environ and name == "SIGTERM":
+            what = "SIGTERM (scancel, time limit or preemption)"
+        kept = (f"{len(finished_parts(run_dir))} finished parts kept in {run_dir}"
+                if run_dir is not None else "nothing was computed")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: no traceback either
+        print(f"[sanity] stopped by {what}: {kept}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        raise Stopped(status)
 
-    signal.signal(signal.SIGTERM, stop)
+    for name in SIGNALS:
+        signal.signal(getattr(signal, name), stop)
 
 
 def use_allocated_cpus() -> None:

@@ -33,7 +33,7 @@ from metrics import METRICS, NORMALIZATIONS
 
 GROUPS = ("model", "dataset", "method", "check", "metric")
 DEVICES = ("auto", "cpu", "cuda")
-RESUME = ("auto", "true", "false")
+RESUME = ("auto", "true", "false", "wait")  # wait: for another process owning the run dir
 WEIGHTS = ("auto", "random")  # random: weights neither loaded nor trained, said on purpose
 
 
@@ -236,5 +236,6 @@ def device_name(value) -> str:
 def resume_mode(value) -> str:
     mode = str(value).lower()
     if mode not in RESUME:
-        raise ValueError(f"resume must be auto, true or false, got {value!r}")
+        raise ValueError(f"resume must be {', '.join(RESUME[:-1])} or {RESUME[-1]}, "
+                         f"got {value!r}")
     return mode

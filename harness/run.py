@@ -23,7 +23,8 @@ from harness.base.context import CheckContext, MetricSpec
 from harness.base.meta import attach_meta, fallback_meta, model_meta
 from harness.data import DATASETS, Dataset
 from harness.plan import RunPlan, make_plan
-from harness.store import RunStore, claim_run_dir, read_rows
+from harness.report import write_report
+from harness.store import RunStore, claim_run_dir, own_run_dir, read_rows, record_finished
 from harness.train import Trainer
 from harness.validate import check_input_size, check_model_needs
 from harness.version import git_sha
@@ -63,6 +64,12 @@ def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
 
 
 def execute(plan: RunPlan) -> Path:
+    """Own the run dir (its lock; ``resume=wait`` waits for another owner), then run."""
+    with own_run_dir(plan.run_dir, wait=plan.resume == "wait"):
+        return execute_owned(plan)
+
+
+def execute_owned(plan: RunPlan) -> Path:
     """Claim the run dir, build, run the check into the store, draw, record. A run dir that
     holds finished parts of the same config is resumed: only the rest is computed."""
     timings: dict[str, float] = {}
@@ -91,7 +98,8 @@ def execute(plan: RunPlan) -> Path:
     timings["check_s"] = time.perf_counter() - tic
     timings["figures_s"] = draw_figures(plan.run_dir) if plan.figures else 0.0
     timings["total_s"] = time.perf_counter() - start
-    store.write_json("run.json", run_record(plan, built, run_id, store, timings, kept))
+    record_finished(plan.run_dir, run_record(plan, built, run_id, store, timings, kept))
+    write_report(plan.run_dir)
     return plan.run_dir
 
 

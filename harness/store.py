@@ -8,12 +8,17 @@ still match their checksums (the others are moved aside and their units recomput
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +33,7 @@ from harness.manifest import (  # noqa: F401  (read_rows: the reader, also harne
     FIGURES,
     MANIFEST,
     MAPS,
+    RECORD,
     ROWS,
     VERSION,
     Inspection,
@@ -40,6 +46,7 @@ from harness.manifest import (  # noqa: F401  (read_rows: the reader, also harne
 if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits
     import pandas as pd
 
+LOCK = "run.lock"  # held while a process owns the run dir: its pid and host, for the message
 # keys that change neither rows nor maps: left out of the config digest
 DIGEST_EXCLUDES = ("progress", "figures", "resume", "cache_dir", "hydra")
 
@@ -247,6 +254,15 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+class RunDirTaken(ValueError):
+    """The run dir is another run's (of another config, or of a live process): an error of
+    this run that marks nothing there (no failed.json written into the other's dir)."""
+
+
+class RunDirBusy(RunDirTaken):
+    """Another live process owns the run dir (its lock is held)."""
+
+
 def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, int]:
     """(run_id, number of finished parts kept) for a run of config ``digest`` in ``run_dir``.
 
@@ -255,27 +271,28 @@ def claim_run_dir(run_dir: Path, digest: str, resume: str | bool) -> tuple[str, 
     touched: that is an error.
     """
     resume = str(resume).lower()
-    if resume not in ("auto", "true", "false"):
-        raise ValueError(f"resume must be auto, true or false, got {resume!r}")
+    if resume not in ("auto", "true", "false", "wait"):
+        raise ValueError(f"resume must be auto, true, false or wait, got {resume!r}")
     path = Path(run_dir) / CLAIM
     earlier = json.loads(path.read_text()) if path.is_file() else None
-    (Path(run_dir) / FAILED).unlink(missing_ok=True)
     if earlier and earlier["config_digest"] != digest and not _any_part(run_dir):
         earlier = None  # a run that stopped before finishing any part: nothing to protect
     if earlier and earlier["config_digest"] != digest:
-        raise ValueError(f"run dir {run_dir} holds a run of a different config (digest "
-                         f"{earlier['config_digest']}, this config {digest}); choose another "
-                         "hydra.run.dir or delete that one")
+        raise RunDirTaken(f"run dir {run_dir} holds a run of a different config (digest "
+                          f"{earlier['config_digest']}, this config {digest}); choose another "
+                          "hydra.run.dir or delete that one")
     if earlier is None and resume == "true":
         raise ValueError(f"resume=true but run dir {run_dir} holds no earlier run to resume")
     if not path.is_file() and _any_part(run_dir):
-        raise ValueError(f"run dir {run_dir} holds rows of a run without {CLAIM} (an older "
-                         "harness?); choose another hydra.run.dir or delete that one")
+        raise RunDirTaken(f"run dir {run_dir} holds rows of a run without {CLAIM} (an older "
+                          "harness?); choose another hydra.run.dir or delete that one")
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)  # this run is the dir's now
     if earlier and resume != "false":
         return earlier["run_id"], len(finished_parts(run_dir))
     for folder in (ROWS, MAPS, FIGURES):
         shutil.rmtree(Path(run_dir) / folder, ignore_errors=True)
     (Path(run_dir) / MANIFEST).unlink(missing_ok=True)
+    (Path(run_dir) / RECORD).unlink(missing_ok=True)  # the record of the run started over
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     RunStore.write_json_to(Path(run_dir), CLAIM, {"run_id": run_id, "config_digest": digest})
     return run_id, 0
@@ -287,8 +304,89 @@ def _any_part(run_dir: Path | str) -> bool:
 
 
 def record_failure(run_dir: Path, message: str) -> None:
-    """Mark a run as failed (read by the collect step); a later successful run clears it."""
+    """Mark a run as failed (read by the collect step); a later successful run clears it. The
+    dir's record of an earlier finished run goes: the dir's last run did not finish."""
     RunStore.write_json_to(Path(run_dir), FAILED, {"error": message})
+    (Path(run_dir) / RECORD).unlink(missing_ok=True)
+
+
+def record_finished(run_dir: Path, record: dict) -> Path:
+    """Write ``run.json``, the record of a finished run, and clear a failure of an earlier one."""
+    path = RunStore.write_json_to(Path(run_dir), RECORD, record)
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def own_run_dir(run_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the run dir's lock (``run.lock``: an exclusive ``flock``, with the owner's pid and
+    host written in it) for the body; released at the end, also on an error or a signal.
+
+    A lock held by a live process raises :class:`RunDirBusy` naming the owner, or with
+    ``wait`` blocks until it is released. The kernel releases a dead process's ``flock``
+    (also after SIGKILL), so a lock file left behind is taken over, with a message.
+    """
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = _acquire(path, wait)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the flock goes: a waiter re-checks the inode
+        handle.close()
+
+
+def _acquire(path: Path, wait: bool):
+    """The open lock file, flocked, with this process's pid and host written in it."""
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 (held open: the flock lives with it)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(path)
+            if not wait:
+                handle.close()
+                raise RunDirBusy(f"run dir {path.parent} is in use by {owner} (lock {path}); "
+                                 "wait for it, or rerun with resume=wait") from None
+            print(f"[sanity] run dir {path.parent} is in use by {owner}: waiting for it "
+                  "(resume=wait)", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if _same_file(handle, path):  # not a file its last owner removed meanwhile
+            break
+        handle.close()
+    if handle.seek(0, os.SEEK_END):  # a lock file left by a process that died
+        print(f"[sanity] taking over the stale lock of {_owner(path)} (that process is "
+              f"gone) in {path.parent}", file=sys.stderr, flush=True)
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    return handle
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _owner(path: Path) -> str:
+    """``pid 123 on host h (since ...)`` from a lock file (what it says; maybe half-written)."""
+    try:
+        owner = json.loads(path.read_text())
+        return f"pid {owner['pid']} on host {owner['host']} (since {owner['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    """A text file (e.g. report.html), written atomically."""
+    path = Path(path)
+    tmp = _atomic(path)
+    tmp.write_text(text, encoding="utf-8")
+    tmp.rename(path)
+    return path
 
 
 def write_table(path: Path | str, table: pd.DataFrame) -> Path:

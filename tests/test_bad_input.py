@@ -97,3 +97,5 @@ def test_bad_input_one_line_fast(bad_inputs, overrides, fragment, request):
     run_dir = Path(args[-1].split("=", 1)[1]) if "runs/" in args[-1] else None
     if run_dir is not None:  # nothing was computed
         assert not list(run_dir.glob("rows/*.parquet"))
+    if "foreign" in args[-1]:  # another config's run dir: nothing marked there
+        assert not (bad_inputs / "foreign" / "failed.json").exists()
