@@ -59,7 +59,7 @@ def summary(rows) -> str:
 
 
 @CHECKS.register(title="Deletion and insertion", columns=COLUMNS, summary=summary,
-                 figures=(curves_figure, auc_figure))
+                 figures=(curves_figure, auc_figure), headline=AUCS)
 def deletion_insertion(ctx: CheckContext, baseline: str = "blur", resolution: int = 28,
                        steps: int = 50, blur_ksize: int = 51, blur_sigma: float = 50.0,
                        saliency: str = "absolute", **_) -> Iterator[dict | MapRecord]:

@@ -34,7 +34,7 @@ def scoring_model(model: nn.Module) -> nn.Module:
     return folded if folded is model else folded.to(memory_format=torch.channels_last)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: only the scores leave this function
 def chunked_outputs(model: nn.Module, make: Callable[[Tensor], Tensor], count: int,
                     targets: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """The images ``make(j)`` of j = 0..count-1 through ``model``, ``batch`` at a time:

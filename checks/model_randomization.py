@@ -31,9 +31,12 @@ Init = Literal["default", "normal", "permute"]
 Target = Literal["fixed", "argmax"]
 COLUMNS = {"order": "", "granularity": "", "init": "", "target_policy": ""}  # the knobs
 FIGURES = (similarity_figure, grid_figures)  # Figures 4 and 2 of the paper
+# the similarity of the last stage's map (the fully randomized model) to the original one
+HEADLINE = ("ssim", "spearman_abs", "spearman", "hog")
 
 
-@CHECKS.register(title="Cascading randomization", columns=COLUMNS, figures=FIGURES)
+@CHECKS.register(title="Cascading randomization", columns=COLUMNS, figures=FIGURES,
+                 headline=HEADLINE)
 def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
               init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
               **_) -> Iterator[dict | MapRecord]:
@@ -42,7 +45,8 @@ def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granula
                                    batchnorm_stats)
 
 
-@CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES)
+@CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES,
+                 headline=HEADLINE)
 def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
                 init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
                 **_) -> Iterator[dict | MapRecord]:

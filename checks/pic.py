@@ -62,7 +62,7 @@ def summary(rows) -> str:
 
 
 @CHECKS.register(title="Performance information curves (SIC / AIC)", columns=COLUMNS,
-                 summary=summary, figures=(curves_figure, auc_figure))
+                 summary=summary, figures=(curves_figure, auc_figure), headline=AUCS)
 def pic(ctx: CheckContext, thresholds: list[float] | tuple[float, ...] = THRESHOLDS,
         random_fraction: float = 0.01, min_pred_value: float = 0.8,
         keep_monotonous: bool = True, num_data_points: int = 1000, curve_points: int = 100,

@@ -8,6 +8,7 @@ figure functions get a :class:`harness.base.context.FigureData` and return figur
 """
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -54,6 +55,52 @@ def grid_figures(data: FigureData) -> Iterator[tuple[str, Figure]]:
         maps = {method: m[k] for method, m in data.maps.items()}
         yield f"{data.check}_grid_sample{sample}", randomization_grid(
             data.images[k], data.stage_names, maps, title, data.normalization)
+
+
+def headline_scatter(x_table: pd.DataFrame, y_table: pd.DataFrame, x_title: str,
+                     y_title: str, title: str = "") -> Figure:
+    """Two checks' headline scores per method, one against the other (Binder et al. 2023,
+    arXiv 2211.12486, read a randomization test beside a faithfulness score): a panel per
+    (y metric, x metric), a point per method at its means with both 95 % t-intervals.
+    Tables as :func:`curve_table` returns, one check's last stage each."""
+    x_metrics = list(dict.fromkeys(x_table["metric"]))
+    y_metrics = list(dict.fromkeys(y_table["metric"]))
+    with paper_style():
+        fig = Figure(figsize=(2.8 * len(x_metrics) + 1.8, 2.6 * len(y_metrics)),
+                     layout="constrained")
+        axes = fig.subplots(len(y_metrics), len(x_metrics), squeeze=False)
+        for (r, y_metric), (c, x_metric) in itertools.product(enumerate(y_metrics),
+                                                              enumerate(x_metrics)):
+            _scatter_methods(axes[r, c], _of_metric(x_table, x_metric),
+                             _of_metric(y_table, y_metric))
+            axes[r, c].set_xlabel(metric_title(x_metric))
+            axes[r, c].set_ylabel(metric_title(y_metric))
+            axes[r, c].locator_params(nbins=4)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside right center", frameon=False)
+        fig.suptitle(f"{title}\nx: {x_title}; y: {y_title}")
+    return fig
+
+
+def _scatter_methods(ax, x: pd.DataFrame, y: pd.DataFrame) -> None:
+    for method in method_order(set(x.index) & set(y.index)):
+        style = method_style(method)
+        a, b = x.loc[method], y.loc[method]
+        ax.errorbar(a["mean"], b["mean"], xerr=_half_widths(a), yerr=_half_widths(b),
+                    color=style["color"], marker=style["marker"], linestyle="none",
+                    capsize=2, label=method)
+
+
+def _of_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return table[table["metric"] == metric].set_index("method")
+
+
+def _half_widths(r: pd.Series) -> np.ndarray | None:
+    """[[below], [above]] the mean for errorbar, or None without an interval (n < 2)."""
+    if not np.isfinite([r["low"], r["high"]]).all():
+        return None
+    return np.array([[r["mean"] - r["low"]], [r["high"] - r["mean"]]])
 
 
 def metric_title(metric: str) -> str:

@@ -56,7 +56,7 @@ def summary(rows) -> str:
 
 
 @CHECKS.register(title="ROAD (noisy linear imputation)", columns=COLUMNS, summary=summary,
-                 figures=(curves_figure, auc_figure))
+                 figures=(curves_figure, auc_figure), headline=AUCS)
 def road(ctx: CheckContext, fractions: list[float] | tuple[float, ...] = FRACTIONS,
          noise: float = 0.01, saliency: str = "absolute", **_) -> Iterator[dict | MapRecord]:
     """MoRF and LeRF curves of every method's maps of ctx.data.inputs (N, C, H, W), with the

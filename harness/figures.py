@@ -6,9 +6,14 @@ and maps (a :class:`harness.base.context.FigureData`) to the figure functions th
 at registration (``CheckFacts.figures``), and writes what they draw as PNG and PDF files into
 ``<run_dir>/figures/``. It names no check: a new check brings its own figures. A run directory
 holds one model and one dataset.
+
+:func:`make_sweep_figures` draws across the jobs of a sweep, into ``<sweep_dir>/figures/``: for
+every two checks of the sweep that declare headline metrics (``CheckFacts.headline``), on the
+same model and dataset, one check's headline scores against the other's, a point per method.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -17,7 +22,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from checks import CHECKS
-from checks.plotting import grid_figures, paper_style, similarity_figure
+from checks.plotting import (
+    curve_table,
+    grid_figures,
+    headline_scatter,
+    paper_style,
+    similarity_figure,
+)
 from harness.base.context import CheckFacts, FigureData
 from harness.manifest import read_rows
 
@@ -46,6 +57,48 @@ def make_figures(
             for stem, fig in figure_fn(data):
                 written += save_figure(fig, run_dir / "figures" / stem)
     return written
+
+
+def make_sweep_figures(sweep_dir: Path | str, jobs: list[Path]) -> list[Path]:
+    """Write the figures across the sweep's ``jobs`` into ``<sweep_dir>/figures/``: per model
+    and dataset, ``<check a>_vs_<check b>`` for every two checks with headline scores (in order
+    of first appearance). Returns the paths; none when fewer than two such checks ran."""
+    tables = [t for t in (load_rows(job) for job in jobs) if t is not None]
+    if not tables:
+        return []
+    rows = pd.concat(tables, ignore_index=True)
+    groups = list(rows.groupby(["model", "dataset"], sort=False))
+    written = []
+    for (model, dataset), part in groups:
+        headline = headline_tables(part)
+        suffix = f"_{model}_{dataset}" if len(groups) > 1 else ""
+        for a, b in itertools.combinations(headline, 2):
+            fig = headline_scatter(headline[b], headline[a], _title(b, headline),
+                                   _title(a, headline), f"{model} on {dataset}")
+            written += save_figure(fig, Path(sweep_dir) / "figures" / f"{a}_vs_{b}{suffix}")
+    return written
+
+
+def headline_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """check -> mean and t-interval per method and headline metric at the check's last stage
+    (:func:`checks.plotting.curve_table`), for the checks of ``rows`` (one model and dataset)
+    that declare headline metrics and have rows of them."""
+    tables = {}
+    for check in dict.fromkeys(rows["check"]):
+        metrics = CHECKS.facts(check).headline if check in CHECKS else ()
+        own = rows[(rows["check"] == check) & rows["metric"].isin(metrics)
+                   & (rows["sample"] >= 0)]
+        if own.empty:
+            continue
+        own = own[own["stage_index"] == own["stage_index"].max()]
+        tables[check] = curve_table(own[["method", "metric", "stage_index", "stage", "value"]])
+    return tables
+
+
+def _title(check: str, tables: dict[str, pd.DataFrame]) -> str:
+    """The check's title and the stage its scores are read at."""
+    stage = tables[check]["stage"].iloc[0]
+    return f"{CHECKS.facts(check).title or check} ({stage})"
 
 
 def checks_of(run_dir: Path, rows: pd.DataFrame | None) -> list[str]:
@@ -197,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {given} is not a directory", file=sys.stderr)
             status = 1
             continue
-        for run_dir in run_dirs(given) or [given]:
+        jobs = run_dirs(given)
+        for path in make_sweep_figures(given, jobs) if len(jobs) > 1 else []:
+            print(path)
+        for run_dir in jobs or [given]:
             paths = make_figures(run_dir)
             if not paths:
                 print(f"{run_dir}: nothing to plot (no rows/ and no maps/)", file=sys.stderr)

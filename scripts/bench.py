@@ -12,9 +12,11 @@ speed against scikit-image/scipy on identical maps. Prints a table; writes nothi
     map through the model's first conv, forward and backward (a forward+backward of one image
     is 1 + 1); then CGI over all 1000 classes (batched vector-Jacobian products) versus a loop
     of one backward per class on the same photo, same run, same result.
+(d) deletion/insertion through the harness versus Quantus's PixelFlipping on equal work, per
+    image and per curve, each beside its floor (the same images' forward passes alone).
 
-Usage: ``python scripts/bench.py`` runs (a) and (b); ``--methods [NAME ...]`` runs (c), for
-the named methods only if given.
+Usage: ``python scripts/bench.py`` runs (a), (b) and (d); ``--methods [NAME ...]`` runs (c), for
+the named methods only if given; ``--deletion`` runs (d) alone.
 """
 from __future__ import annotations
 
@@ -279,8 +281,19 @@ def bench_deletion(n: int = 2, steps: int = 49) -> None:
     """(d) deletion/insertion through the harness against Quantus's PixelFlipping on equal
     work: the same model, photos, gradient maps and steps, pixel-level ranking (resolution 224),
     49 steps of 1024 pixels (224 * 224 = 49 * 1024: Quantus needs a divisor). The harness
-    computes both curves (2x the images); Quantus only deletion."""
+    computes both curves (2n(steps - 1) inner images + 2n ends + n predictions); Quantus only
+    deletion (n * steps images). Images through the network are counted at the stem conv
+    during the warm-up run, so the ratios are per image and per curve, not per call.
+
+    Both sides are bound by the forward passes, so each gets a floor: the same number of
+    images through the network as that side runs it (the harness: the BatchNorm-folded
+    channels-last copy, internal_batch_size 16, inference mode; Quantus: the model as given,
+    n images per step, no_grad). The ratio of the two floors per image bounds the speed-up of
+    any harness that runs Quantus's forward passes at the harness's cost per image.
+    """
     import quantus
+
+    from checks.faithfulness import scoring_model
 
     model = MODELS["efficientnet_lite0"]()
     data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
@@ -289,6 +302,7 @@ def bench_deletion(n: int = 2, steps: int = 49) -> None:
     maps = METHODS["gradient"](model, x, target).abs().sum(1, keepdim=True).detach()
     ctx = CheckContext(model=model, data=data, methods={"gradient": lambda m, x, t: maps},
                        metrics=[], progress=False, internal_batch_size=16)
+    stem = first_conv_weight(model, x)
 
     def harness() -> None:
         for _ in CHECKS["deletion_insertion"](ctx, baseline="zero", resolution=224,
@@ -302,12 +316,44 @@ def bench_deletion(n: int = 2, steps: int = 49) -> None:
         metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=maps.numpy(),
                device="cpu")
 
-    ours, theirs = timed(harness, repeat=1), timed(reference, repeat=1)
-    images = 2 * n + 2 * n * (steps - 1)
-    print(f"(d) deletion+insertion, {n} photos, gradient, {steps} steps, pixel ranking")
-    print(f"    harness (both curves, {images} images): {ours:7.1f} s")
-    print(f"    Quantus PixelFlipping (deletion only, {n * (steps + 1)} images): {theirs:7.1f} s"
-          f"   ratio {theirs / ours:.2f}x (per image {theirs / (n * (steps + 1)) / (ours / images):.2f}x)")
+    # warm-up runs that count the images each side puts through the stem conv
+    ours_images = rows_through_stem(harness, stem)[1]
+    theirs_images = rows_through_stem(reference, stem)[1]
+    folded = scoring_model(model)
+    ours_floor_fn = partial(forward_floor, folded, x, ours_images, ctx.internal_batch_size,
+                            channels_last=True)
+    theirs_floor_fn = partial(forward_floor, model, x, theirs_images, n, channels_last=False)
+    ours_floor_fn()  # warm-up
+    ours, ours_floor = timed(harness, repeat=1), timed(ours_floor_fn, repeat=1)
+    theirs, theirs_floor = timed(reference, repeat=1), timed(theirs_floor_fn, repeat=1)
+    per = {"ours": ours / ours_images, "theirs": theirs / theirs_images,
+           "ours_floor": ours_floor / ours_images, "theirs_floor": theirs_floor / theirs_images}
+    print(f"(d) deletion+insertion, {n} photos, gradient, {steps} steps, pixel ranking, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"    harness, both curves:        {ours:7.1f} s  {ours_images:4d} images  "
+          f"{per['ours'] * 1e3:6.1f} ms/image  {ours / (2 * n):6.2f} s/curve")
+    print(f"      its floor (same images, folded, channels-last, batch 16): {ours_floor:6.1f} s "
+          f"({per['ours_floor'] * 1e3:.1f} ms/image; harness / floor {ours / ours_floor:.2f}x)")
+    print(f"    Quantus PixelFlipping, deletion: {theirs:7.1f} s  {theirs_images:4d} images  "
+          f"{per['theirs'] * 1e3:6.1f} ms/image  {theirs / n:6.2f} s/curve")
+    print(f"      its floor (same images, model as given, batch {n}): {theirs_floor:6.1f} s "
+          f"({per['theirs_floor'] * 1e3:.1f} ms/image; Quantus / floor "
+          f"{theirs / theirs_floor:.2f}x)")
+    print(f"    speed-up per image {per['theirs'] / per['ours']:.2f}x, per curve "
+          f"{theirs / n / (ours / (2 * n)):.2f}x, per call {theirs / ours:.2f}x "
+          f"(target >= 10; bound by the floors: {per['theirs_floor'] / per['ours_floor']:.2f}x)")
+
+
+@torch.inference_mode()
+def forward_floor(model: torch.nn.Module, x: torch.Tensor, images: int, batch: int,
+                  channels_last: bool) -> None:
+    """``images`` copies of the inputs x (N, C, H, W) through ``model``, ``batch`` at a time,
+    built beforehand: the forward passes alone."""
+    copies = x.repeat(-(-images // len(x)), 1, 1, 1)[:images]
+    if channels_last:
+        copies = copies.contiguous(memory_format=torch.channels_last)
+    for chunk in copies.split(batch):
+        model(chunk)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,11 +363,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", metavar="NAME",
                         help="(c) the per-method table (all registered methods if no name)")
     parser.add_argument("--n", type=int, default=1, help="photos per method in (c)")
+    parser.add_argument("--deletion", action="store_true", help="(d) only")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
     torch.set_flush_denormal(True)  # as the runner does by default (randomized weights)
     if args.methods is not None:
         bench_methods(args.methods or None, n=args.n)
+        return
+    if args.deletion:
+        bench_deletion()
         return
     bench_cascading()
     bench_metrics()

@@ -276,3 +276,20 @@ def test_road_orders_on_the_region_model():
     gap = rows[rows["metric"] == "road_gap"].set_index(["method", "sample"])["value"]
     # removing R first (MoRF of the region map) hurts more than removing it last
     assert (gap["region"] > gap["complement"]).all()
+
+
+def test_sweep_figure_sets_two_checks_headline_scores_against_each_other(tmp_path):
+    from harness.figures import headline_tables, load_rows, main
+
+    sweep = tmp_path / "sweep"
+    for job, args in enumerate((["check=cascading"], ["check=deletion_insertion",
+                                                      "check.steps=8"])):
+        run_as_cli(sweep / str(job), *args, "method=[gradient,random_uniform]", "figures=false")
+    assert main([str(sweep)]) == 0
+    assert (sweep / "figures" / "cascading_vs_deletion_insertion.png").is_file()
+    rows = load_rows(sweep / "0")
+    last = rows[rows["stage_index"] == rows["stage_index"].max()]
+    means = last[last["sample"] >= 0].groupby("method")["value"].mean()
+    table = headline_tables(rows)["cascading"].set_index("method")
+    assert table["stage_index"].eq(rows["stage_index"].max()).all()
+    np.testing.assert_allclose(table.loc[means.index, "mean"], means, rtol=1e-12)

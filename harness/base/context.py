@@ -141,6 +141,9 @@ class CheckFacts:
     trains_models: bool = False  # the runner fills ctx.train and explains the test split
     summary: SummaryFn | None = None  # the end-of-run text; None: the similarity summary
     figures: tuple[FigureFn, ...] = ()
+    # the metrics that sum the check up, read at its last stage (mean per method over samples):
+    # the sweep figures set two checks' headline scores against each other
+    headline: tuple[str, ...] = ()
 
     def row_defaults(self) -> dict[str, Any]:
         return {**STANDARD_COLUMNS, **self.columns}
