@@ -280,10 +280,13 @@ def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Te
 def bench_deletion(n: int = 2, steps: int = 49) -> None:
     """(d) deletion/insertion through the harness against Quantus's PixelFlipping on equal
     work: the same model, photos, gradient maps and steps, pixel-level ranking (resolution 224),
-    49 steps of 1024 pixels (224 * 224 = 49 * 1024: Quantus needs a divisor). The harness
-    computes both curves (2n(steps - 1) inner images + 2n ends + n predictions); Quantus only
-    deletion (n * steps images). Images through the network are counted at the stem conv
-    during the warm-up run, so the ratios are per image and per curve, not per call.
+    49 steps of 1024 pixels (224 * 224 = 49 * 1024: Quantus needs a divisor). Quantus flips
+    array elements, not pixels: the map (N, 1, H, W) is broadcast over the 3 channels, so a
+    step of 1024 pixels is ``features_in_step = 3 * 1024`` (with 1024 it would run 3 * 49
+    steps: 3x the work). The harness computes both curves (n predictions + 2n ends +
+    2n(steps - 1) inner images, as tests/test_faithfulness.py counts); Quantus only deletion
+    (its images are counted by a hook on the model during the warm-up run), so the ratios are
+    given per image and per curve, not only per call.
 
     Both sides are bound by the forward passes, so each gets a floor: the same number of
     images through the network as that side runs it (the harness: the BatchNorm-folded
@@ -302,7 +305,6 @@ def bench_deletion(n: int = 2, steps: int = 49) -> None:
     maps = METHODS["gradient"](model, x, target).abs().sum(1, keepdim=True).detach()
     ctx = CheckContext(model=model, data=data, methods={"gradient": lambda m, x, t: maps},
                        metrics=[], progress=False, internal_batch_size=16)
-    stem = first_conv_weight(model, x)
 
     def harness() -> None:
         for _ in CHECKS["deletion_insertion"](ctx, baseline="zero", resolution=224,
@@ -310,20 +312,23 @@ def bench_deletion(n: int = 2, steps: int = 49) -> None:
             pass
 
     def reference() -> None:
-        metric = quantus.PixelFlipping(features_in_step=224 * 224 // steps,
+        metric = quantus.PixelFlipping(features_in_step=3 * 224 * 224 // steps,
                                        perturb_baseline="black", disable_warnings=True,
                                        display_progressbar=False)
         metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=maps.numpy(),
                device="cpu")
 
-    # warm-up runs that count the images each side puts through the stem conv
-    ours_images = rows_through_stem(harness, stem)[1]
-    theirs_images = rows_through_stem(reference, stem)[1]
+    ours_images = n + 2 * n + 2 * n * (steps - 1)
+    counted = []
+    hook = model.register_forward_pre_hook(lambda _, args: counted.append(len(args[0])))
+    reference()  # warm-up, counting Quantus's images
+    hook.remove()
+    theirs_images = sum(counted)
+    harness()  # warm-up
     folded = scoring_model(model)
     ours_floor_fn = partial(forward_floor, folded, x, ours_images, ctx.internal_batch_size,
                             channels_last=True)
     theirs_floor_fn = partial(forward_floor, model, x, theirs_images, n, channels_last=False)
-    ours_floor_fn()  # warm-up
     ours, ours_floor = timed(harness, repeat=1), timed(ours_floor_fn, repeat=1)
     theirs, theirs_floor = timed(reference, repeat=1), timed(theirs_floor_fn, repeat=1)
     per = {"ours": ours / ours_images, "theirs": theirs / theirs_images,
