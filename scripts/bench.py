@@ -277,16 +277,16 @@ def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Te
           f"{((batched - looped).abs().max() / scale).item():.1e} of the largest value")
 
 
-def bench_deletion(n: int = 2, steps: int = 49) -> None:
+def bench_deletion(n: int = 2, steps: int = 21) -> None:
     """(d) deletion/insertion through the harness against Quantus's PixelFlipping on equal
-    work: the same model, photos, gradient maps and steps, pixel-level ranking (resolution 224),
-    49 steps of 1024 pixels (224 * 224 = 49 * 1024: Quantus needs a divisor). Quantus flips
-    array elements, not pixels: the map (N, 1, H, W) is broadcast over the 3 channels, so a
-    step of 1024 pixels is ``features_in_step = 3 * 1024`` (with 1024 it would run 3 * 49
-    steps: 3x the work). The harness computes both curves (n predictions + 2n ends +
-    2n(steps - 1) inner images, as tests/test_faithfulness.py counts); Quantus only deletion
-    (its images are counted by a hook on the model during the warm-up run), so the ratios are
-    given per image and per curve, not only per call.
+    work: the same model, photos, gradient maps and number of steps, pixel-level ranking
+    (resolution 224). Quantus 0.6 flips array elements, not pixels: its curve has
+    3 * 224 * 224 / features_in_step points (the map (N, 1, H, W) is spread over the 3
+    channels), and features_in_step must divide 224 * 224; 21 steps of 7168 elements meet both
+    (with 1024, as 224 * 224 = 49 * 1024 suggests, Quantus runs 147 steps, not 49). The harness
+    computes both curves (n predictions + 2n ends + 2n(steps - 1) inner images, as
+    tests/test_faithfulness.py counts); Quantus only deletion (its images are counted by a hook
+    on the model during the warm-up run), so the ratios are given per image and per curve.
 
     Both sides are bound by the forward passes, so each gets a floor: the same number of
     images through the network as that side runs it (the harness: the BatchNorm-folded
