@@ -277,7 +277,7 @@ def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Te
           f"{((batched - looped).abs().max() / scale).item():.1e} of the largest value")
 
 
-def bench_deletion(n: int = 2, steps: int = 21) -> None:
+def bench_deletion(n: int = 2, steps: int = 21, repeat: int = 3) -> None:
     """(d) deletion/insertion through the harness against Quantus's PixelFlipping on equal
     work: the same model, photos, gradient maps and number of steps, pixel-level ranking
     (resolution 224). Quantus 0.6 flips array elements, not pixels: its curve has
@@ -331,12 +331,14 @@ def bench_deletion(n: int = 2, steps: int = 21) -> None:
     ours_floor_fn = partial(forward_floor, folded, x, ours_images, ctx.internal_batch_size,
                             channels_last=True)
     theirs_floor_fn = partial(forward_floor, model, x, theirs_images, n, channels_last=False)
-    ours, ours_floor = timed(harness, repeat=1), timed(ours_floor_fn, repeat=1)
-    theirs, theirs_floor = timed(reference, repeat=1), timed(theirs_floor_fn, repeat=1)
+    # the four alternate, ``repeat`` times: the machine's speed drifts (shared cores); medians
+    runs = [[timed(fn, repeat=1) for fn in (harness, ours_floor_fn, reference, theirs_floor_fn)]
+            for _ in range(repeat)]
+    ours, ours_floor, theirs, theirs_floor = (statistics.median(r) for r in zip(*runs))
     per = {"ours": ours / ours_images, "theirs": theirs / theirs_images,
            "ours_floor": ours_floor / ours_images, "theirs_floor": theirs_floor / theirs_images}
     print(f"(d) deletion+insertion, {n} photos, gradient, {steps} steps, pixel ranking, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, medians of {repeat}")
     print(f"    harness, both curves:        {ours:7.1f} s  {ours_images:4d} images  "
           f"{per['ours'] * 1e3:6.1f} ms/image  {ours / (2 * n):6.2f} s/curve")
     print(f"      its floor (same images, folded, channels-last, batch 16): {ours_floor:6.1f} s "
