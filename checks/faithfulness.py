@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from checks.plotting import curve_table, method_order
 from checks.scoring import explain_all
+from checks.uncertainty import ALPHA, control_table
 from harness.base.context import CheckContext
 from methods.fold import fold_batchnorm
 from metrics import NORMALIZATIONS
@@ -69,30 +70,34 @@ def trapezoid(y: Tensor, x: Tensor) -> Tensor:
 
 
 def faithfulness_summary(rows: pd.DataFrame, metrics: tuple[str, ...]) -> str:
-    """Mean [95 % t-interval] per method of each AUC metric, and for each, whether the method
-    is distinguishable from the ``random_uniform`` control (the intervals do not overlap)."""
+    """Mean [95 % bootstrap interval] per method of each AUC metric, and whether the method is
+    distinguishable from the ``random_uniform`` control on the same inputs (two-sided
+    Wilcoxon signed-rank p < 0.05, :func:`checks.uncertainty.control_table`)."""
     rows = rows[rows["metric"].isin(metrics) & (rows["sample"] >= 0)]
     if rows.empty:
         return ""
-    table = curve_table(rows[["method", "metric", "stage_index", "stage", "value"]])
+    own = rows[["method", "metric", "stage_index", "stage", "sample", "value"]]
+    seed = int(rows["seed"].iloc[0]) if "seed" in rows else 0
+    table = curve_table(own, seed=seed)
+    tests = control_table(own, CONTROL).set_index(["metric", "method"])
     lines = []
     for metric in metrics:
         part = table[table["metric"] == metric].set_index("method")
         if part.empty:
             continue
-        control = part.loc[CONTROL] if CONTROL in part.index else None
-        lines.append(f"{metric} (mean [95% interval], n)")
+        lines.append(f"{metric} (mean [95% bootstrap interval], n; vs {CONTROL}: paired test)")
         for method in method_order(part.index):
             r = part.loc[method]
             lines.append(f"  {method:<22} {r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
-                         f"n={int(r['n'])}{_versus(r, control, method)}")
+                         f"n={int(r['n'])}{_versus(tests, metric, method)}")
     return "\n".join(lines)
 
 
-def _versus(r: pd.Series, control: pd.Series | None, method: str) -> str:
-    if control is None or method == CONTROL:
+def _versus(tests: pd.DataFrame, metric: str, method: str) -> str:
+    if (metric, method) not in tests.index:
         return ""
-    if not np.isfinite([r["low"], r["high"], control["low"], control["high"]]).all():
-        return "  (vs random: interval undefined)"
-    apart = r["high"] < control["low"] or r["low"] > control["high"]
-    return "  (distinct from random)" if apart else "  (not distinguishable from random)"
+    p = tests.loc[(metric, method), "p_vs_control"]
+    if not np.isfinite(p):
+        return "  (vs random: no paired samples)"
+    verdict = "distinct from random" if p < ALPHA else "not distinguishable from random"
+    return f"  ({verdict}, p={p:.2g})"

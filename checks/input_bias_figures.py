@@ -27,7 +27,7 @@ def bias_figure(data: FigureData) -> Iterator[tuple[str, Figure]]:
 
 def input_bias_bars(rows: pd.DataFrame, title: str = "") -> Figure:
     """The input bias of each method (Brocki & Chung 2020, arXiv 2011.05002): grouped bars,
-    mean over samples with a 95 % Student t-interval.
+    mean over samples with a 95 % bootstrap interval.
 
     * ``dark_mass_ratio`` (attribution mass in the darkest pixels / their share; 1 = no bias),
       one bar per input encoding the model was given: the original and every ``scale=``
@@ -61,7 +61,7 @@ def input_bias_bars(rows: pd.DataFrame, title: str = "") -> Figure:
 
 
 def _grouped_bars(ax, table: pd.DataFrame, group: str, methods: list[str]) -> None:
-    """Bars per method (x) and per value of ``group`` (hatched shades), mean and t-interval."""
+    """Bars per method (x) and per value of ``group`` (hatched shades), mean and bootstrap interval."""
     groups = list(dict.fromkeys(table.sort_values("stage_index")[group].astype(str)))
     stats = curve_table(table.assign(stage=table[group].astype(str), stage_index=0))
     width = 0.8 / max(1, len(groups))

@@ -18,8 +18,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy.special import stdtrit
 
+from checks.uncertainty import LEVEL, interval_table
 from harness.base.context import FigureData
 from methods import METHODS
 from metrics import METRICS
@@ -45,7 +45,8 @@ def similarity_figure(data: FigureData) -> Iterator[tuple[str, Figure]]:
     per metric (rows of other metrics, e.g. a check's own measurements, are left out)."""
     similarity = data.rows[data.rows["metric"].isin(list(METRICS))]
     if len(similarity):
-        yield f"{data.check}_similarity", similarity_curves(curve_table(similarity), data.title)
+        yield f"{data.check}_similarity", similarity_curves(curve_table(similarity), data.title,
+                                                            similarity)
 
 
 def grid_figures(data: FigureData) -> Iterator[tuple[str, Figure]]:
@@ -61,7 +62,7 @@ def headline_scatter(x_table: pd.DataFrame, y_table: pd.DataFrame, x_title: str,
                      y_title: str, title: str = "") -> Figure:
     """Two checks' headline scores per method, one against the other (Binder et al. 2023,
     arXiv 2211.12486, read a randomization test beside a faithfulness score): a panel per
-    (y metric, x metric), a point per method at its means with both 95 % t-intervals.
+    (y metric, x metric), a point per method at its means with both 95 % bootstrap intervals.
     Tables as :func:`curve_table` returns, one check's last stage each."""
     x_metrics = list(dict.fromkeys(x_table["metric"]))
     y_metrics = list(dict.fromkeys(y_table["metric"]))
@@ -110,45 +111,59 @@ def metric_title(metric: str) -> str:
     return title or metric
 
 
-def curve_table(rows: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """Mean similarity over samples per (check, method, metric, stage) with a t-interval.
+def curve_table(rows: pd.DataFrame, level: float = LEVEL, seed: int | None = None
+                ) -> pd.DataFrame:
+    """Mean over samples per (check, method, metric, stage) with its ``level`` percentile
+    bootstrap interval (:func:`checks.uncertainty.interval_table`), seeded by ``seed`` (by
+    default the rows' own ``seed`` column, else 0): the same figure for the same run.
 
-    The interval is the Student t confidence interval of the mean,
-    ``mean -/+ t_{(1+level)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation
-    (ddof=1) of the ``n`` finite values. NaN values (rows with a ``reason``) are ignored; with
-    ``n < 2`` the interval is NaN, with ``n == 0`` the mean too.
+    NaN values (rows with a ``reason``) are ignored; with ``n < 2`` finite values the interval
+    is NaN (the figures draw the samples themselves), with ``n == 0`` the mean too.
 
     Returns columns ``check, method, metric, stage_index, stage, mean, low, high, n`` (``check``
     only when ``rows`` has it), sorted by those keys, so stages come in ``stage_index`` order.
     """
-    keys = [k for k in ("check", "method", "metric", "stage_index", "stage") if k in rows]
-    values = rows["value"].astype(float).replace([np.inf, -np.inf], np.nan)
-    grouped = values.groupby([rows[k] for k in keys], sort=True, observed=True)
-    table = grouped.agg(["mean", "std", "count"]).reset_index()
-    n = table["count"].to_numpy()
-    quantile = stdtrit(np.maximum(n - 1, 1), (1 + level) / 2)  # Student t quantile
-    half = np.where(n >= 2, quantile * table["std"].to_numpy() / np.sqrt(np.maximum(n, 1)), np.nan)
-    table["low"], table["high"] = table["mean"] - half, table["mean"] + half
-    return table.rename(columns={"count": "n"})[keys + ["mean", "low", "high", "n"]]
+    if seed is None:
+        seed = int(rows["seed"].iloc[0]) if "seed" in rows and len(rows) else 0
+    return interval_table(rows, seed, level)
 
 
-def similarity_curves(table: pd.DataFrame, title: str = "") -> Figure:
+def band_caption(table: pd.DataFrame, level: float = LEVEL, unit: str = "samples") -> str:
+    """What a band is and over how many samples, for a legend title: "mean and 95 % bootstrap
+    interval over n = 4 samples" (a range of n when groups differ; "no interval" when n < 2)."""
+    n = table["n"].to_numpy()
+    if n.size == 0:
+        return "mean, n = 0"
+    counts = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
+    band = f"{level * 100:g} % bootstrap interval" if n.max() >= 2 else "no interval"
+    return f"mean and {band} over n = {counts} {unit}"
+
+
+def similarity_curves(table: pd.DataFrame, title: str = "",
+                      samples: pd.DataFrame | None = None, unit: str = "samples") -> Figure:
     """Figure 4 of Adebayo et al. 2018 (arXiv 1810.03292): similarity to the original map.
 
     ``table`` is :func:`curve_table` output for one check. One panel per metric; x = stages in
     ``stage_index`` order (labelled with the stage names), y = similarity; one line per method
-    (mean over samples) with its shaded 95 % Student t-interval. The y-range covers [-1, 1].
+    (mean over samples) with its shaded 95 % bootstrap interval, which the legend names with n.
+    ``samples`` (the tidy rows behind ``table``): with at most :data:`THIN_UP_TO` samples each
+    sample's own curve is drawn as a thin line, so that a mean of two is seen as two; ``unit``
+    names what a sample is in the caption (the seeds of a sweep). The y-range covers [-1, 1].
     """
     metrics = ordered(table["metric"].unique(), list(METRICS))
     stages = table[["stage_index", "stage"]].drop_duplicates("stage_index")
     stages = stages.sort_values("stage_index")
+    thin = samples is not None and "sample" in samples and \
+        samples["sample"].nunique() <= THIN_UP_TO
     ncols = 2 if len(metrics) == 4 else min(len(metrics), 3)  # 4 panels as 2 x 2: less squat
     nrows = math.ceil(len(metrics) / ncols)
     panel_width = max(3.2, 0.22 * len(stages) + 1.0)
     with paper_style():
-        fig = Figure(figsize=(ncols * panel_width + 1.8, nrows * 3.4 + 0.5), layout="constrained")
+        fig = Figure(figsize=(ncols * panel_width + 0.6, nrows * 3.4 + 1.0), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, metric in zip(axes, metrics):
+            if thin:
+                _draw_samples(ax, samples[samples["metric"].astype(str) == metric], stages)
             _draw_metric(ax, table[table["metric"] == metric], stages)
             ax.set_title(metric_title(metric))
         for ax in axes[len(metrics):]:
@@ -156,10 +171,25 @@ def similarity_curves(table: pd.DataFrame, title: str = "") -> Figure:
         for ax in axes[::ncols]:
             ax.set_ylabel("similarity to original map")
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", frameon=False, title="method")
+        caption = band_caption(table, unit=unit) + (f" (thin lines: {unit})" if thin else "")
+        # below the panels: a legend at the right collides with the title over one panel
+        fig.legend(handles, labels, loc="outside lower center", frameon=False,
+                   ncols=min(len(handles), 5), title=caption)
         if title:
             fig.suptitle(title)
     return fig
+
+
+THIN_UP_TO = 10  # samples drawn one by one up to this many
+
+
+def _draw_samples(ax, rows: pd.DataFrame, stages: pd.DataFrame) -> None:
+    """One thin line per (method, sample), in the method's colour, no legend entry."""
+    for (method, _), line in rows.groupby(["method", "sample"], sort=True):
+        line = stages.merge(line[["stage_index", "value"]], how="left")
+        ax.plot(line["stage_index"].to_numpy(float), line["value"].to_numpy(float),
+                color=method_style(str(method))["color"], linewidth=0.5, alpha=0.35,
+                label="_nolegend_")
 
 
 def _draw_metric(ax, table: pd.DataFrame, stages: pd.DataFrame) -> None:

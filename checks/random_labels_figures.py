@@ -49,7 +49,7 @@ def grid_figure(data: FigureData) -> Iterator[tuple[str, Figure]]:
 def random_label_bars(rows: pd.DataFrame, title: str = "") -> Figure:
     """Data randomization test (arXiv 1810.03292, §5): similarity of each method's map of the
     random-label model to its map of the true-label model, one panel per metric, one bar per
-    method (mean over samples, 95 % Student t-interval). The subtitle gives the accuracies of
+    method (mean over samples, 95 % bootstrap interval). The subtitle gives the accuracies of
     both models (``train_accuracy`` / ``test_accuracy`` rows)."""
     similarity = rows[~rows["metric"].isin(ACCURACY_METRICS) & rows["stage_index"].eq(1)]
     table = curve_table(similarity)

@@ -6,38 +6,83 @@ from __future__ import annotations
 
 import pandas as pd
 
+from checks.uncertainty import ALPHA, CONTROL, summary_table
+from methods import METHODS
 from metrics import METRICS
 
 DROP_BELOW = 0.5  # "where does it drop?": the first stage whose mean similarity is below this
 
 
 def similarity_summary(rows: pd.DataFrame) -> str:
-    """Mean similarity per method and metric at every stage, one line each with the stage
-    values in order, and the first stage where the mean falls below 0.5 (for a randomization
-    check: where the method's maps stop resembling the original model's). A header names the
+    """Mean similarity per method and metric at every stage with its 95 % bootstrap interval,
+    one line each with the stage values in order; ``~`` marks a stage where the method is not
+    distinguishable from the ``random_uniform`` control (paired test over samples,
+    :mod:`checks.uncertainty`); then the first stage where the mean falls below 0.5 and the
+    first where the method is no longer distinguishable from the control. A header names the
     stages. Rows of registered metrics only (a check's own measurements have their own)."""
     table = similarity_table(rows)
     if table.empty:
         return ""
     stages = ", ".join(table.attrs["stages"])
-    text = table.map(lambda v: v if isinstance(v, str) else f"{v:.3f}").to_string(index=False)
-    return f"mean similarity per stage ({stages}):\n{text}"
+    text = table.to_string(index=False)
+    legend = (f"mean [95% bootstrap interval] over samples; ~: not distinguishable from "
+              f"{CONTROL} (paired Wilcoxon p >= {ALPHA})" if table.attrs["control"] else
+              f"mean [95% bootstrap interval] over samples; add {CONTROL} to method= to test "
+              "each stage against the random control")
+    if table.attrs["control"] and table.attrs["min_n"] < 6:
+        legend += f"; with n = {table.attrs['min_n']} inputs no stage can reach p < {ALPHA}"
+    return f"similarity per stage ({stages}):\n{legend}\n{text}"
 
 
 def similarity_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per method and metric: its mean similarity at each stage (columns named by the
-    stage index, in order) and ``first < 0.5``; ``attrs["stages"]``: "index name" of each."""
+    """One row per method and metric: "mean [low, high]" at each stage (columns named by the
+    stage index, in order; ``~`` appended where not distinguishable from the control),
+    ``first < 0.5`` and ``~random from``; ``attrs["stages"]``: "index name" of each,
+    ``attrs["control"]``: whether the control ran."""
     rows = rows[rows["metric"].isin(list(METRICS))]
     if rows.empty:
         return pd.DataFrame()
-    names = rows.groupby("stage_index", sort=True)["stage"].first()
-    means = rows.pivot_table(index=["method", "metric"], columns="stage_index", values="value",
-                             aggfunc="mean", sort=False).reindex(columns=names.index)
-    drops = [first_below(line, names) for _, line in means.iterrows()]
-    table = means.rename(columns=str).rename_axis(columns=None).reset_index()
-    table[f"first < {DROP_BELOW}"] = drops
+    seed = int(rows["seed"].iloc[0]) if "seed" in rows else 0
+    stats = summary_table(rows.drop(columns=["check"], errors="ignore"), seed)
+    names = stats.groupby("stage_index", sort=True)["stage"].first()
+    stats["cell"] = [_cell(r) for r in stats.itertuples()]
+    cells = stats.pivot(index=["method", "metric"], columns="stage_index", values="cell")
+    means = stats.pivot(index=["method", "metric"], columns="stage_index", values="mean")
+    rank = {m: i for i, m in enumerate(METHODS)}  # registry order, then a user's own
+    order = sorted(rows[["method", "metric"]].drop_duplicates().itertuples(index=False, name=None),
+                   key=lambda key: (rank.get(key[0], len(rank)), key[0]))
+    cells, means = cells.reindex(index=order, columns=names.index), means.reindex(index=order)
+    table = cells.rename(columns=str).rename_axis(columns=None).reset_index()
+    table[f"first < {DROP_BELOW}"] = [first_below(line, names) for _, line in means.iterrows()]
+    control = stats["distinguishable"].notna().any()
+    if control:
+        flags = stats.pivot(index=["method", "metric"], columns="stage_index",
+                            values="distinguishable").reindex(index=order, columns=names.index)
+        table["~random from"] = [first_indistinguishable(line, names)
+                                 for _, line in flags.iterrows()]
     table.attrs["stages"] = [f"{i} {name}" for i, name in names.items()]
+    table.attrs["control"] = bool(control)
+    table.attrs["min_n"] = int(stats["n"].min())
     return table
+
+
+def _cell(r) -> str:
+    """ "0.981 [0.95, 1.00]", with "~" when not distinguishable from the control."""
+    if r.mean != r.mean:
+        return "nan"
+    band = f" [{r.low:.2f}, {r.high:.2f}]" if r.low == r.low else ""
+    flag = r.distinguishable
+    mark = "~" if flag is not pd.NA and flag == flag and not flag else ""  # NaN: no control
+    return f"{r.mean:.3f}{band}{mark}"
+
+
+def first_indistinguishable(flags: pd.Series, names: pd.Series) -> str:
+    """``"3 conv2"``: the first stage where the method is not distinguishable from the
+    control ("never"; "-" for the control itself, which has no flag)."""
+    if flags.isna().all():
+        return "-"
+    below = flags[flags == False]  # noqa: E712 (a nullable boolean)
+    return f"{below.index[0]} {names[below.index[0]]}" if len(below) else "never"
 
 
 def first_below(means: pd.Series, names: pd.Series, threshold: float = DROP_BELOW) -> str:

@@ -9,12 +9,16 @@ holds one model and one dataset.
 
 :func:`make_sweep_figures` draws across the jobs of a sweep, into ``<sweep_dir>/figures/``: for
 every two checks of the sweep that declare headline metrics (``CheckFacts.headline``), on the
-same model and dataset, one check's headline scores against the other's, a point per method.
+same model and dataset, one check's headline scores against the other's, a point per method;
+and every check's similarity curves with the jobs together: seeds as a band over seeds, other
+swept keys as panels.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +30,14 @@ from checks.plotting import (
     curve_table,
     grid_figures,
     headline_scatter,
+    metric_title,
     paper_style,
+    similarity_curves,
     similarity_figure,
 )
 from harness.base.context import CheckFacts, FigureData
 from harness.manifest import read_rows
+from metrics import METRICS
 
 PNG_DPI = 150
 GRID_SAMPLES = 3
@@ -76,11 +83,68 @@ def make_sweep_figures(sweep_dir: Path | str, jobs: list[Path]) -> list[Path]:
             fig = headline_scatter(headline[b], headline[a], _title(b, headline),
                                    _title(a, headline), f"{model} on {dataset}")
             written += save_figure(fig, Path(sweep_dir) / "figures" / f"{a}_vs_{b}{suffix}")
+    for stem, fig in sweep_similarity_figures(rows, swept_settings(jobs)):
+        written += save_figure(fig, Path(sweep_dir) / "figures" / stem)
     return written
 
 
+NOT_SWEPT = ("seed", "dataset.shard")  # seeds are drawn as bands; shards are one run's samples
+
+
+def swept_settings(jobs: list[Path]) -> dict[str, str]:
+    """run_id -> "key=value, ..." of the config keys that differ between the finished jobs
+    (except the seed and the shard); "" when only those differ."""
+    configs = {}
+    for job in jobs:
+        record = job / "run.json"
+        if record.is_file():
+            payload = json.loads(record.read_text())
+            configs[payload["run_id"]] = _flatten(payload.get("config", {}))
+    keys = sorted({k for c in configs.values() for k in c} - set(NOT_SWEPT))
+    varying = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
+    return {run_id: ", ".join(f"{k}={c.get(k)}" for k in varying)
+            for run_id, c in configs.items()}
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def sweep_similarity_figures(rows: pd.DataFrame, settings: dict[str, str]
+                             ) -> Iterator[tuple[str, Figure]]:
+    """The jobs of a sweep together, per check with similarity rows: the mean over samples of
+    each seed, averaged over the seeds with a bootstrap band over seeds (a thin line per seed).
+    Without other swept keys, a panel per metric (``<check>_similarity_seeds``); with them, a
+    figure per metric with a panel per setting (``<check>_<metric>_sweep``)."""
+    rows = rows[rows["metric"].isin(list(METRICS)) & (rows["sample"] >= 0)]
+    if rows.empty or rows["seed"].nunique() < 2 and len(set(settings.values())) < 2:
+        return
+    rows = rows.assign(setting=rows["run_id"].map(settings).fillna(""))
+    keys = ["check", "setting", "method", "metric", "stage_index", "stage", "seed"]
+    per_seed = rows.groupby(keys, sort=False, observed=True)["value"].mean().reset_index()
+    per_seed = per_seed.rename(columns={"seed": "sample"})  # the unit the band is over
+    for check, own in per_seed.groupby("check", sort=False):
+        title = CHECKS.facts(check).title if check in CHECKS else str(check)
+        if own["setting"].nunique() == 1:
+            table = curve_table(own.drop(columns=["check", "setting"]), seed=0)
+            yield f"{check}_similarity_seeds", similarity_curves(
+                table, f"{title}: {own['sample'].nunique()} seeds", own, unit="seeds")
+            continue
+        for metric, part in own.groupby("metric", sort=False):
+            panels = part.assign(metric=part["setting"])  # a panel per swept setting
+            table = curve_table(panels.drop(columns=["check", "setting"]), seed=0)
+            yield f"{check}_{metric}_sweep", similarity_curves(
+                table, f"{title}: {metric_title(str(metric))} per setting", panels, unit="seeds")
+
+
 def headline_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """check -> mean and t-interval per method and headline metric at the check's last stage
+    """check -> mean and bootstrap interval per method and headline metric at the check's last stage
     (:func:`checks.plotting.curve_table`), for the checks of ``rows`` (one model and dataset)
     that declare headline metrics and have rows of them."""
     tables = {}

@@ -109,6 +109,9 @@ def summary_html(rows: pd.DataFrame) -> str:
         parts.append(f"<h4>{html.escape(str(check))}</h4>")
         if not table.empty:
             parts.append(f"<p>stages: {html.escape(', '.join(table.attrs['stages']))}</p>")
+            parts.append("<p>cells: mean over samples [95 % bootstrap interval]; ~: not "
+                         "distinguishable from the random_uniform control (paired Wilcoxon "
+                         "test, p &ge; 0.05); summary.parquet holds the numbers</p>")
             parts.append(table.to_html(index=False, classes="summary", float_format="%.3f",
                                        border=0))
         facts = CHECKS.facts(check) if check in CHECKS else None

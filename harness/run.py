@@ -19,12 +19,21 @@ from omegaconf import DictConfig
 
 from checks import CHECKS
 from checks.summary import similarity_summary
+from checks.uncertainty import summary_table
 from harness.base.context import CheckContext, MetricSpec
 from harness.base.meta import attach_meta, fallback_meta, model_meta
 from harness.data import DATASETS, Dataset
 from harness.plan import RunPlan, make_plan
 from harness.report import write_report
-from harness.store import RunStore, claim_run_dir, own_run_dir, read_rows, record_finished
+from harness.store import (
+    SUMMARY,
+    RunStore,
+    claim_run_dir,
+    own_run_dir,
+    read_rows,
+    record_finished,
+    write_table,
+)
 from harness.train import Trainer
 from harness.validate import check_input_size, check_model_needs
 from harness.version import git_sha
@@ -96,6 +105,7 @@ def execute_owned(plan: RunPlan) -> Path:
     if kept:
         print(f"[sanity] resumed: {kept} parts kept, {store.parts} parts computed")
     timings["check_s"] = time.perf_counter() - tic
+    write_table(plan.run_dir / SUMMARY, summary_table(read_rows(plan.run_dir), plan.seed))
     timings["figures_s"] = draw_figures(plan.run_dir) if plan.figures else 0.0
     timings["total_s"] = time.perf_counter() - start
     record_finished(plan.run_dir, run_record(plan, built, run_id, store, timings, kept))

@@ -46,6 +46,7 @@ from harness.manifest import (  # noqa: F401  (read_rows: the reader, also harne
 if TYPE_CHECKING:  # pandas is imported when rows are written: a failing command line never waits
     import pandas as pd
 
+SUMMARY = "summary.parquet"  # means, bootstrap intervals and control tests (checks.uncertainty)
 LOCK = "run.lock"  # held while a process owns the run dir: its pid and host, for the message
 # keys that change neither rows nor maps: left out of the config digest
 DIGEST_EXCLUDES = ("progress", "figures", "resume", "cache_dir", "hydra")

@@ -1,7 +1,6 @@
 """Figures of a run directory (Adebayo et al. 2018, arXiv 1810.03292, Figures 2 and 4)."""
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from matplotlib.image import imread
 
 from checks.plotting import curve_table, method_style, randomization_grid, similarity_curves
+from checks.uncertainty import bootstrap_interval
 from harness.figures import make_figures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,6 @@ METHODS = ["gradient", "smoothgrad"]
 STAGES = ["original", "classifier", "conv_head", "blocks.6"]
 SAMPLES = [7, 3, 11]  # dataset indices, deliberately not sorted
 METRICS = ["ssim", "spearman_abs"]
-T_975 = {1: 12.706204736174707, 2: 4.302652729911275}  # Student t 0.975 quantiles by dof
 
 
 def _rows(check: str, rng: np.random.Generator) -> pd.DataFrame:
@@ -107,7 +106,7 @@ def test_without_rows_only_grids_and_empty_dir_gives_nothing(run_dir, tmp_path_f
     assert make_figures(tmp_path_factory.mktemp("empty")) == []
 
 
-def test_curve_table_mean_and_t_interval_match_numpy(run_dir):
+def test_curve_table_mean_and_bootstrap_interval(run_dir):
     rows = pd.read_parquet(run_dir / "rows")
     table = curve_table(rows)
     assert list(table.columns) == ["check", "method", "metric", "stage_index", "stage",
@@ -119,13 +118,15 @@ def test_curve_table_mean_and_t_interval_match_numpy(run_dir):
                           "value"].to_numpy()  # fmt: skip
         finite = values[~np.isnan(values)]
         assert line.stage == STAGES[line.stage_index] and line.n == finite.size
-        if finite.size == 0:
-            assert np.isnan([line["mean"], line.low, line.high]).all()
+        if finite.size < 2:  # no spread to resample: no band (the figure draws the sample)
+            assert np.isnan([line.low, line.high]).all()
+            assert finite.size == 1 or np.isnan(line["mean"])
             continue
         np.testing.assert_allclose(line["mean"], finite.mean(), rtol=1e-12)
-        half = T_975[finite.size - 1] * finite.std(ddof=1) / math.sqrt(finite.size)
-        expected = [finite.mean() - half, finite.mean() + half]
-        np.testing.assert_allclose([line.low, line.high], expected, rtol=1e-10)
+        # a mean of resamples lies between the smallest and the largest value
+        assert finite.min() - 1e-12 <= line.low <= line["mean"] <= line.high <= finite.max() + 1e-12
+        key = (line.check, line.method, line.metric, line.stage_index, line.stage)
+        assert (line.low, line.high) == bootstrap_interval(finite, 0, key)  # seeded: repeatable
     assert set(table.n) == {0, 2, 3}
     groups = table.groupby(["check", "method", "metric"])
     assert all(g.stage_index.is_monotonic_increasing for _, g in groups)
