@@ -52,11 +52,14 @@ def test_summary_names_every_stage_and_the_first_below_half():
                          for (m, k), vs in values.items() for i, v in enumerate(vs)
                          for s in (0, 1)])
     text = similarity_summary(rows).splitlines()
-    assert text[0] == "mean similarity per stage (0 original, 1 fc, 2 conv2, 3 conv1):"
-    assert text[1].split() == ["method", "metric", "0", "1", "2", "3", "first", "<", "0.5"]
-    assert text[2].split() == ["gradient", "ssim", "1.000", "0.700", "0.400", "0.600", "2",
-                               "conv2"]
-    assert text[3].split() == ["gradient", "spearman", "1.000", "0.450", "0.300", "0.200", "1",
-                               "fc"]
-    assert text[4].split() == ["sobel", "ssim", "1.000", "1.000", "1.000", "1.000", "never"]
-    assert len(text) == 5
+    assert text[0] == "similarity per stage (0 original, 1 fc, 2 conv2, 3 conv1):"
+    assert text[1].startswith("mean [95% bootstrap interval] over samples; add random_uniform")
+    assert text[2].split() == ["method", "metric", "0", "1", "2", "3", "first", "<", "0.5"]
+
+    def cells(means):  # two samples at mean -/+ 0.01: the bootstrap interval is their range
+        return [w for v in means for w in (f"{v:.3f}", f"[{v - 0.01:.2f},", f"{v + 0.01:.2f}]")]
+
+    assert text[3].split() == ["gradient", "ssim", *cells([1.0, 0.7, 0.4, 0.6]), "2", "conv2"]
+    assert text[4].split() == ["gradient", "spearman", *cells([1.0, 0.45, 0.3, 0.2]), "1", "fc"]
+    assert text[5].split() == ["sobel", "ssim", *cells([1.0] * 4), "never"]
+    assert len(text) == 6
