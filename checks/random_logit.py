@@ -49,7 +49,7 @@ def random_logit(ctx: CheckContext, target: Literal["fixed", "label"] = "fixed",
     with torch.no_grad():
         classes = ctx.model(x[:1]).shape[1]
     off = off_classes(explained, ctx.data.samples, classes, ctx.seed)
-    knobs = {"check": "random_logit", "target_policy": target}
+    knobs = {"check": "random_logit", "target_policy": target, "off_class": -1}
     todo = [ctx.pending(index) for index in range(len(STAGES))]
     needed = {m: ctx.methods[m] for m in set().union(*(stage.methods for stage in todo))}
     if not needed:
