@@ -7,9 +7,11 @@ end-of-run summary and its figures, which may live in a module ``checks/<name>_f
 """
 from checks import (  # noqa: F401  (fill it)
     deletion_insertion,
+    efficient_mprt,
     input_bias,
     model_randomization,
     pic,
+    random_logit,
     random_labels,
     road,
 )

@@ -5,6 +5,10 @@ its maps of the original model.
 * ``cascading``: cumulative randomization, from the logits down (``order=top_down``, the paper)
   or from the input up (``order=bottom_up``, advised by Hedström et al. 2023).
 * ``independent``: one stage at a time, the rest of the model original.
+* ``smooth_mprt`` (Hedström et al. 2024, "A Fresh Look at Sanity Checks for Saliency Maps",
+  arXiv 2401.06465): the cascade from the input up, every map the mean over N = 50 noisy copies
+  of the input (:mod:`checks.smoothing`). The same option, ``smooth: {n: N, noise_magnitude:
+  0.1}``, smooths ``cascading`` and ``independent`` (``n: 0``, the default there, is off).
 
 Stage 0 (``original``) compares the original map with a re-computation: deterministic methods
 score 1 there, a built-in determinism check. Randomization is in place and the model is restored
@@ -12,8 +16,9 @@ from a saved state dict on exit, also when the generator is interrupted.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Literal
 
 from tqdm.auto import tqdm
@@ -21,6 +26,8 @@ from tqdm.auto import tqdm
 from checks.plotting import grid_figures, similarity_figure
 from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, predict, score_stage
+from checks.smoothing import COLUMNS as SMOOTH_COLUMNS
+from checks.smoothing import Smoothing, smoothed
 from harness.base.context import CheckContext, MapRecord
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
@@ -29,7 +36,10 @@ Order = Literal["top_down", "bottom_up"]
 Granularity = Literal["block", "module"]
 Init = Literal["default", "normal", "permute"]
 Target = Literal["fixed", "argmax"]
-COLUMNS = {"order": "", "granularity": "", "init": "", "target_policy": ""}  # the knobs
+COLUMNS = {"order": "", "granularity": "", "init": "", "target_policy": "",  # the knobs
+           **SMOOTH_COLUMNS}
+NO_SMOOTHING = MappingProxyType({"n": 0, "noise_magnitude": 0.1})
+SMOOTH_MPRT = MappingProxyType({"n": 50, "noise_magnitude": 0.1})  # the paper's settings
 FIGURES = (similarity_figure, grid_figures)  # Figures 4 and 2 of the paper
 # the similarity of the last stage's map (the fully randomized model) to the original one
 HEADLINE = ("ssim", "spearman_abs", "spearman", "hog")
@@ -39,30 +49,46 @@ HEADLINE = ("ssim", "spearman_abs", "spearman", "hog")
                  headline=HEADLINE)
 def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
               init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
-              **_) -> Iterator[dict | MapRecord]:
+              smooth: Mapping = NO_SMOOTHING, **_) -> Iterator[dict | MapRecord]:
     """Cascading randomization: stage k has the first k stages (in ``order``) randomized."""
     yield from _randomization_test(ctx, "cascading", True, order, granularity, init, target,
-                                   batchnorm_stats)
+                                   batchnorm_stats, smooth)
 
 
 @CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES,
                  headline=HEADLINE)
 def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
                 init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
-                **_) -> Iterator[dict | MapRecord]:
+                smooth: Mapping = NO_SMOOTHING, **_) -> Iterator[dict | MapRecord]:
     """Independent randomization: stage k has only the k-th stage (in ``order``) randomized."""
     yield from _randomization_test(ctx, "independent", False, order, granularity, init, target,
-                                   batchnorm_stats)
+                                   batchnorm_stats, smooth)
+
+
+@CHECKS.register(title="Smooth MPRT (cascading, noisy-copy means)", columns=COLUMNS,
+                 figures=FIGURES, headline=HEADLINE)
+def smooth_mprt(ctx: CheckContext, order: Order = "bottom_up",
+                granularity: Granularity = "block", init: Init = "default",
+                target: Target = "fixed", batchnorm_stats: bool = False,
+                smooth: Mapping = SMOOTH_MPRT, **_) -> Iterator[dict | MapRecord]:
+    """Smooth MPRT (Hedström et al. 2024, arXiv 2401.06465): the cascade with every map, of
+    the original and of each randomized model, the mean of the method's maps of ``smooth.n``
+    copies of the input x (N, C, H, W), one clean and n - 1 with N(0, sigma^2) noise, sigma =
+    ``smooth.noise_magnitude`` * (max x - min x) per sample; bottom-up by default."""
+    yield from _randomization_test(ctx, "smooth_mprt", True, order, granularity, init, target,
+                                   batchnorm_stats, smooth)
 
 
 def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: str,
-                        granularity: str, init: str, target: str,
-                        batchnorm_stats: bool) -> Iterator[dict | MapRecord]:
+                        granularity: str, init: str, target: str, batchnorm_stats: bool,
+                        smooth: Mapping | None = None) -> Iterator[dict | MapRecord]:
     if target not in TARGETS:
         raise ValueError(f"check.target must be fixed or argmax, got {target!r}")
+    smoothing = Smoothing.of(smooth)
     plan = ordered(stages(ctx.model, ctx.data.inputs, granularity), order)
     knobs = {"check": check, "order": order, "granularity": granularity, "init": init,
-             "target_policy": target}
+             "target_policy": target, **smoothing.columns()}
+    ctx = replace(ctx, methods=smoothed(ctx.methods, smoothing, ctx.seed))
     with restored(ctx.model) as saved:
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
         # a resumed run explains the original model only for methods with a unit left to do

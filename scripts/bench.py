@@ -14,9 +14,13 @@ speed against scikit-image/scipy on identical maps. Prints a table; writes nothi
     of one backward per class on the same photo, same run, same result.
 (d) deletion/insertion through the harness versus Quantus's PixelFlipping on equal work, per
     image and per curve, each beside its floor (the same images' forward passes alone).
+(e) smooth MPRT through the harness versus Quantus's SmoothMPRT on equal work: efficientnet_lite0,
+    the same photos, N noisy copies, every parametrized module a stage (bottom-up), the gradient
+    and rank correlation of absolute maps.
 
-Usage: ``python scripts/bench.py`` runs (a), (b) and (d); ``--methods [NAME ...]`` runs (c), for
-the named methods only if given; ``--deletion`` runs (d) alone.
+Usage: ``python scripts/bench.py`` runs (a), (b), (d) and (e); ``--methods [NAME ...]`` runs (c),
+for the named methods only if given; ``--deletion`` runs (d) alone, ``--smooth`` (e) alone
+(``--smooth-n`` copies, ``--n`` photos).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch  # noqa: E402
 from checks import CHECKS  # noqa: E402
 from harness.base.context import CheckContext, MetricSpec  # noqa: E402
 from harness.base.meta import model_meta  # noqa: E402
+from harness.base.randomize import stages  # noqa: E402
 from harness.data import DATASETS  # noqa: E402
 from harness.zoo import MODELS  # noqa: E402
 from methods import METHODS  # noqa: E402
@@ -364,6 +369,60 @@ def bench_deletion(n: int = 2, steps: int = 21, repeat: int = 3) -> None:
           f"model's cost); floors alone {per['theirs_floor'] / per['ours_floor']:.2f}x")
 
 
+def bench_smooth_mprt(n: int = 2, copies: int = 10) -> None:
+    """(e) smooth MPRT (Hedström et al. 2024, arXiv 2401.06465) through the harness against
+    Quantus 0.6's SmoothMPRT on equal work: the same model and photos, ``copies`` noisy copies
+    per map (one clean), the bottom-up cascade over every module Quantus resets (the harness's
+    ``granularity=module``: every parametrized leaf module; both counts are printed), the
+    plain gradient (Quantus: captum's Saliency through ``quantus.explain``; the harness:
+    ``gradient``, one forward+backward per row on both sides) and the Spearman correlation of
+    absolute maps. Quantus gets the original maps as ``a_batch`` (so it explains the original
+    model once, the harness twice: the reference and stage 0's determinism check). Quantus
+    explains one noisy copy of the n photos per call; the harness stacks the n * copies rows
+    and runs them in chunks of internal_batch_size 16. One timed run each (a run is minutes)."""
+    import quantus
+
+    from checks.smoothing import Smoothing, SmoothedMethod
+
+    model = MODELS["efficientnet_lite0"]()
+    data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
+    x = data.inputs
+    target = model(x).argmax(1)
+    gradient = partial(METHODS["gradient"], internal_batch_size=16)
+    ctx = CheckContext(model=model, data=data, methods={"gradient": gradient},
+                       metrics=[MetricSpec("spearman_abs", METRICS["spearman_abs"], "absolute")],
+                       progress=False, internal_batch_size=16, batch_size=n, n_maps=0)
+    smooth = {"n": copies, "noise_magnitude": 0.1}
+    ours_stages = len(stages(model, x, "module"))
+    theirs_stages = sum(hasattr(m, "reset_parameters") for m in model.modules())
+
+    def harness() -> None:
+        for _ in CHECKS["smooth_mprt"](ctx, granularity="module", smooth=smooth):
+            pass
+
+    a_batch = SmoothedMethod(gradient, Smoothing(copies, 0.1), 0)(model, x, target)
+
+    def reference() -> None:
+        metric = quantus.SmoothMPRT(nr_samples=copies, noise_magnitude=0.1,
+                                    layer_order="bottom_up", disable_warnings=True,
+                                    display_progressbar=False)
+        metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(),
+               a_batch=a_batch.abs().sum(1, keepdim=True).detach().numpy(), device="cpu",
+               explain_func=quantus.explain, explain_func_kwargs={"method": "Saliency"},
+               batch_size=n)
+
+    ours, theirs = wall_time(harness), wall_time(reference)
+    rows = n * copies * (ours_stages + 2)
+    print(f"(e) smooth MPRT, {n} photos x {copies} copies, gradient, spearman_abs, "
+          f"{torch.get_num_threads()} torch threads, one run each")
+    print(f"    harness: {ours:7.1f} s  {ours_stages} stages + 2 original passes, {rows} rows "
+          f"({ours / rows * 1e3:.1f} ms/row)")
+    print(f"    Quantus SmoothMPRT: {theirs:7.1f} s  {theirs_stages} stages + 1 original pass")
+    print(f"    speed-up {theirs / ours:.2f}x per call, "
+          f"{theirs / (theirs_stages + 1) / (ours / (ours_stages + 2)):.2f}x per stage "
+          f"(target >= 5)")
+
+
 @torch.inference_mode()
 def forward_floor(model: torch.nn.Module, x: torch.Tensor, images: int, batch: int,
                   channels_last: bool) -> None:
@@ -384,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="(c) the per-method table (all registered methods if no name)")
     parser.add_argument("--n", type=int, default=1, help="photos per method in (c)")
     parser.add_argument("--deletion", action="store_true", help="(d) only")
+    parser.add_argument("--smooth", action="store_true", help="(e) only")
+    parser.add_argument("--smooth-n", type=int, default=10, help="noisy copies per map in (e)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
     torch.set_flush_denormal(True)  # as the runner does by default (randomized weights)
@@ -393,9 +454,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.deletion:
         bench_deletion()
         return
+    if args.smooth:
+        bench_smooth_mprt(n=max(args.n, 2), copies=args.smooth_n)
+        return
     bench_cascading()
     bench_metrics()
     bench_deletion()
+    bench_smooth_mprt(copies=args.smooth_n)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from metrics import METRICS
 METRIC_NORMALIZATION = {"ssim": "absolute", "spearman": "signed", "spearman_abs": "absolute",
                         "hog": "absolute", "pearson": "signed"}
 FAITHFULNESS = ("deletion_insertion", "pic", "road")  # no stages, no similarity metrics
+# stages of their own (class, fully randomized model): tests/test_randomization_family.py
+OWN_STAGES = ("efficient_mprt", "random_logit")
 METRIC_KWARGS = {"hog": {"pixels_per_cell": 8}}  # 32x32 maps: 4x4 cells
 
 
@@ -44,7 +46,8 @@ def model():
 @pytest.mark.parametrize("check", [c for c in sorted(CHECKS)  # trainers: test_random_labels.py
                                    if not CHECKS.facts(c).trains_models
                                    and c != "input_bias"  # input stages: test_input_bias.py
-                                   and c not in FAITHFULNESS])  # test_faithfulness.py
+                                   and c not in FAITHFULNESS  # test_faithfulness.py
+                                   and c not in OWN_STAGES])
 def test_stage0_scores_one_and_model_restored(model, check):
     before = snapshot(model)
     rows = rows_of(CHECKS[check](make_ctx(model)))
