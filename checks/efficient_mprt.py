@@ -55,8 +55,9 @@ def summary(rows) -> str:
 @CHECKS.register(title="Efficient MPRT (complexity rise)", columns=COLUMNS, summary=summary,
                  figures=(rise_figure, grid_figures), headline=("complexity_rise",))
 def efficient_mprt(ctx: CheckContext, order: Order = "bottom_up",
-                   granularity: Granularity = "block", init: Init = "default", batchnorm_stats: bool = False, bins: int = 100,
-                   absolute: bool = False, **_) -> Iterator[dict | MapRecord]:
+                   granularity: Granularity = "block", init: Init = "default",
+                   batchnorm_stats: bool = False, bins: int = 100, absolute: bool = False,
+                   **_) -> Iterator[dict | MapRecord]:
     """Entropy of each method's maps of x (N, C, H, W) for the original and the fully
     randomized model, and its relative rise."""
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
