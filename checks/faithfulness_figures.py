@@ -1,5 +1,6 @@
 """Figures of the faithfulness checks, drawn from their rows alone (the curves are in the
-table): the mean curve per method with its 95 % bootstrap interval over samples (Khorram et al. 2021,
+table): the mean curve per method with its 95 % bootstrap interval over samples (Khorram et
+al. 2021,
 arXiv 2012.15783, Fig. 5; Kapishnikov et al. 2021, arXiv 2106.09788, Fig. 6; Rong et al. 2022,
 arXiv 2202.00449, Fig. 4), and the AUCs as bars with the ``random_uniform`` control's level.
 No file I/O: :mod:`harness.figures` saves what these return.
@@ -48,7 +49,8 @@ def auc_figure(data: FigureData) -> Iterator[tuple[str, Figure]]:
 
 def curve_panels(rows: pd.DataFrame, metrics: tuple[str, ...], x: str, xlabel: str,
                  ylabel: str, title: str = "") -> Figure:
-    """Mean y over samples at each ``x`` per method, shaded bootstrap interval; a panel per metric."""
+    """Mean y over samples at each ``x`` per method, shaded bootstrap interval; a panel per
+    metric."""
     table = curve_table(rows.assign(stage_index=rows[x], stage=rows[x].astype(str)))
     present = [m for m in metrics if m in set(table["metric"])]
     with paper_style():

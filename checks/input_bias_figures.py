@@ -61,7 +61,8 @@ def input_bias_bars(rows: pd.DataFrame, title: str = "") -> Figure:
 
 
 def _grouped_bars(ax, table: pd.DataFrame, group: str, methods: list[str]) -> None:
-    """Bars per method (x) and per value of ``group`` (hatched shades), mean and bootstrap interval."""
+    """Bars per method (x) and per value of ``group`` (hatched shades), mean and bootstrap
+    interval."""
     groups = list(dict.fromkeys(table.sort_values("stage_index")[group].astype(str)))
     stats = curve_table(table.assign(stage=table[group].astype(str), stage_index=0))
     width = 0.8 / max(1, len(groups))

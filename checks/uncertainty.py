@@ -22,7 +22,9 @@ import pandas as pd
 from scipy import stats
 
 LEVEL = 0.95
-RESAMPLES = 2000  # percentile bootstrap: the interval's ends move by < 0.01 of its width between seeds
+# resamples: the Monte Carlo error of each end is ~1.5 % of the interval's width (the standard
+# error of a 2.5 % quantile of 2,000 draws, 0.06 sd, against a width of 3.92 sd)
+RESAMPLES = 2000
 ALPHA = 0.05  # the paired test's level
 CONTROL = "random_uniform"
 KEYS = ("check", "method", "metric", "stage_index", "stage")
