@@ -1,7 +1,7 @@
 """Figures of the faithfulness checks, drawn from their rows alone (the curves are in the
 table): the mean curve per method with its 95 % bootstrap interval over samples (Khorram et
-al. 2021, arXiv 2012.15783, Fig. 5; Kapishnikov et al. 2021, arXiv 2106.09788, Fig. 6; Rong et al. 2022,
-arXiv 2202.00449, Fig. 4), and the AUCs as bars with the ``random_uniform`` control's level.
+al. 2021, arXiv 2012.15783, Fig. 5; Kapishnikov et al. 2021, arXiv 2106.09788, Fig. 6; Rong et
+al. 2022, arXiv 2202.00449, Fig. 4), and the AUCs as bars with the ``random_uniform`` control's level.
 No file I/O: :mod:`harness.figures` saves what these return.
 """
 from __future__ import annotations
