@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from scipy import interpolate
 from torch import Tensor
 
 from checks.faithfulness import (
@@ -141,6 +140,8 @@ def blurred_image(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     blurred = pixels * known[..., None].astype(np.float32)
     points, unknown = np.argwhere(known), np.argwhere(~known)
     values = pixels[tuple(points.T)]  # (n, C)
+    from scipy import interpolate  # imported where used: a failing command line skips it
+
     found = interpolate.LinearNDInterpolator(points, values, fill_value=np.nan)(unknown)
     mean = pixels.mean(axis=(0, 1))  # PAIR's fill value, for points outside the hull (none:
     found = np.where(np.isnan(found), mean, found)  # the corners make the hull the image)
@@ -225,6 +226,8 @@ def pic_curve(original: tuple[int, float], start: tuple[int, float],
     points += [(0.0, 0.0), (1.0, 1.0)]
     xs, ys = zip(*points)
     curve_x = np.linspace(0.0, 1.0, num=settings.num_data_points, endpoint=False)
+    from scipy import interpolate
+
     # one vectorized call: interp1d evaluates each point as PAIR's loop over them does
     curve_y = np.append(interpolate.interp1d(x=xs, y=ys)(curve_x), 1.0)
     curve_x = np.append(curve_x, 1.0)

@@ -25,8 +25,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
 from checks.faithfulness import (
@@ -108,6 +106,9 @@ def impute(image: np.ndarray, removed: np.ndarray, noise: float,
     ``image`` (C, H, W) float64 solved as the weighted mean of their neighbours, plus noise."""
     if not removed.any():
         return image.copy()
+    from scipy import sparse  # imported where used: a failing command line skips it
+    from scipy.sparse.linalg import spsolve
+
     height, width = removed.shape
     where = np.argwhere(removed)
     index = -np.ones(removed.shape, dtype=np.int64)

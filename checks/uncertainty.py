@@ -19,7 +19,6 @@ import zlib
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 LEVEL = 0.95
 # resamples: the Monte Carlo error of each end is ~1.5 % of the interval's width (the standard
@@ -49,6 +48,8 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0, key: tuple = (), level
         return float("nan"), float("nan")
     if np.all(finite == finite[0]):
         return float(finite[0]), float(finite[0])
+    from scipy import stats  # here: scipy.stats costs a failing command line ~0.5 s
+
     result = stats.bootstrap((finite,), np.mean, confidence_level=level, n_resamples=resamples,
                              method="percentile", vectorized=True, rng=group_seed(seed, key))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
@@ -86,6 +87,8 @@ def paired_test(values: np.ndarray, control: np.ndarray) -> float:
         return float("nan")
     if not np.any(difference != 0):
         return 1.0
+    from scipy import stats
+
     with warnings.catch_warnings():  # scipy warns that small samples have coarse p-values
         warnings.simplefilter("ignore")
         return float(stats.wilcoxon(difference, zero_method="wilcox").pvalue)

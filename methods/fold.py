@@ -16,6 +16,7 @@ BatchNorm leaves the graph.)
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 import torch.fx as fx
@@ -58,14 +59,13 @@ def folded_convolution(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return merged
 
 
-# timm's Conv2dSame pads in its forward and then convolves with its weights: folding is exact.
-_CONV_SUBCLASSES: tuple[type, ...] = ()
-try:
-    from timm.layers import Conv2dSame
-
-    _CONV_SUBCLASSES = (Conv2dSame,)
-except ImportError:  # timm is optional here
-    pass
+def _conv_subclasses() -> tuple[type, ...]:
+    """timm's ``Conv2dSame`` (it pads in its forward and then convolves with its weights:
+    folding is exact), when timm is loaded. A model holding one was built by timm, so timm is
+    imported by then; importing it here would cost every command line, a failing one too,
+    about a second (timm.layers pulls in torch._dynamo)."""
+    layers = sys.modules.get("timm.layers")
+    return (layers.Conv2dSame,) if hasattr(layers, "Conv2dSame") else ()
 
 
 def _foldable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -75,7 +75,7 @@ def _foldable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     bn, source = modules[node.target], node.args[0] if node.args else None
     return (not bn.training and bn.running_mean is not None and len(node.args) == 1
             and not node.kwargs and isinstance(source, fx.Node) and source.op == "call_module"
-            and type(modules[source.target]) in (nn.Conv2d, *_CONV_SUBCLASSES)
+            and type(modules[source.target]) in (nn.Conv2d, *_conv_subclasses())
             and len(source.users) == 1)
 
 

@@ -106,3 +106,17 @@ def test_bad_input_one_line_fast(bad_inputs, overrides, fragment, request):
         assert not list(run_dir.glob("rows/*.parquet"))
     if "foreign" in args[-1]:  # another config's run dir: nothing marked there
         assert not (bad_inputs / "foreign" / "failed.json").exists()
+
+
+def test_a_failing_command_line_loads_no_heavy_library():
+    """What the CLI imports before it validates the config (harness.run and the registries)
+    leaves out the libraries only a computation needs: timm (it pulls in torch._dynamo and
+    sympy, ~2 s), scipy. That is what lets a bad input fail in about 2 s of CPU here (printed
+    by the test above) instead of 5."""
+    heavy = ("timm", "scipy", "sympy", "torch._dynamo")
+    code = ("import sys, harness.run, harness.cli; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, check=True, timeout=120).stdout.strip()
+    assert loaded == "[]", loaded
+
