@@ -9,6 +9,12 @@ its maps of the original model.
 Stage 0 (``original``) compares the original map with a re-computation: deterministic methods
 score 1 there, a built-in determinism check. Randomization is in place and the model is restored
 from a saved state dict on exit, also when the generator is interrupted.
+
+Every run audits its coverage (:mod:`harness.base.coverage`): the tensors each stage changed and
+those no stage changed, handed to the runner as a :class:`RunNote` (``run.json``: ``coverage``;
+a warning in the summary when a parameter was never randomized), never as rows. A resumed run
+randomizes its finished stages again (cheap, and the cascade builds on them), so its audit is
+whole too.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from tqdm.auto import tqdm
 from checks.plotting import grid_figures, similarity_figure
 from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, predict, score_stage
-from harness.base.context import CheckContext, MapRecord
+from harness.base.context import CheckContext, MapRecord, RunNote
+from harness.base.coverage import CoverageAudit
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
 TARGETS = ("fixed", "argmax")
@@ -57,13 +64,14 @@ def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granu
 
 def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: str,
                         granularity: str, init: str, target: str,
-                        batchnorm_stats: bool) -> Iterator[dict | MapRecord]:
+                        batchnorm_stats: bool) -> Iterator[dict | MapRecord | RunNote]:
     if target not in TARGETS:
         raise ValueError(f"check.target must be fixed or argmax, got {target!r}")
     plan = ordered(stages(ctx.model, ctx.data.inputs, granularity), order)
     knobs = {"check": check, "order": order, "granularity": granularity, "init": init,
              "target_policy": target}
     with restored(ctx.model) as saved:
+        audit = CoverageAudit.of(ctx.model, saved)
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
         # a resumed run explains the original model only for methods with a unit left to do
         todo = [ctx.pending(index) for index in range(len(plan) + 1)]
@@ -77,12 +85,15 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
         for index, (name, modules) in enumerate(bar, start=1):
             if not cumulative:
                 restore_(ctx.model, saved)
-            # randomized even when done: the cumulative model of later stages builds on it
+                audit.restored()
+            # randomized even when done: the cumulative model of later stages builds on it,
+            # and the coverage audit of a resumed run is whole
             randomize_(modules, init, stage_seed(ctx.seed, name), batchnorm_stats)
+            audit.differs(ctx.model, name)
             if not todo[index].methods:
                 continue
             stage_target = explained if target == "fixed" else predict(
                 ctx.model, ctx.data.inputs, ctx.batch_size)
             yield from score_stage(todo[index], references, knobs, name, index, stage_target,
                                     with_maps=True)
-
+    yield RunNote("coverage", audit.record(), audit.summary_line(batchnorm_stats))
