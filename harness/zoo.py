@@ -169,12 +169,15 @@ INCEPTION_V3_BLOCKS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2
 
 EFFICIENTNET = {"conv_stem", "blocks", "conv_head"}  # top-level children naming a family
 RESNET = {"conv1", "layer1", "layer4"}
+VIT = {"patch_embed", "blocks", "head"}
 
 
 def architecture_blocks(model: nn.Module) -> tuple[str, ...]:
     """Randomization blocks (input -> logits) of known families (EfficientNet / MobileNet,
-    ResNet, Inception-v3 with the paper's 17 blocks, VGG), else the top-level children."""
+    ResNet, Inception-v3 with the paper's 17 blocks, VGG, ViT), else the top-level children."""
     names = {name for name, _ in model.named_children()}
+    if VIT <= names:
+        return vit_blocks(model)
     if EFFICIENTNET <= names:
         stages = [f"blocks.{i}" for i in range(len(model.blocks))]
         return ("conv_stem", *stages, "conv_head", _classifier_name(model))
@@ -189,8 +192,10 @@ def architecture_blocks(model: nn.Module) -> tuple[str, ...]:
 
 def architecture_members(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Blocks of known families that span several modules: a stem (or head) conv randomized
-    together with its BatchNorm."""
+    together with its BatchNorm; a ViT's patch embedding with its loose tokens."""
     names = {name for name, _ in model.named_children()}
+    if VIT <= names:
+        return vit_members(model)
     if EFFICIENTNET <= names:
         return {"conv_stem": ("conv_stem", "bn1"), "conv_head": ("conv_head", "bn2")}
     if RESNET <= names:

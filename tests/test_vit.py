@@ -80,3 +80,9 @@ def test_every_other_method_runs_on_a_vit(vit, name):
 
 def test_must_run_methods_are_not_refused():
     assert MUST_RUN <= set(METHODS) and not MUST_RUN & set(REFUSED)
+
+
+def test_the_generic_timm_entry_knows_vits_too():
+    model = MODELS["timm"](name="vit_tiny_patch16_224")  # 12 blocks
+    assert model_meta(model).blocks == model_meta(MODELS["vit"]()).blocks
+    assert "cls_token" in model_meta(model).members["patch_embed"]
