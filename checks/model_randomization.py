@@ -13,6 +13,12 @@ its maps of the original model.
 Stage 0 (``original``) compares the original map with a re-computation: deterministic methods
 score 1 there, a built-in determinism check. Randomization is in place and the model is restored
 from a saved state dict on exit, also when the generator is interrupted.
+
+Every run audits its coverage (:mod:`harness.base.coverage`): the tensors each stage changed and
+those no stage changed, handed to the runner as a :class:`RunNote` (``run.json``: ``coverage``;
+a warning in the summary when a parameter was never randomized), never as rows. A resumed run
+randomizes its finished stages again (cheap, and the cascade builds on them), so its audit is
+whole too.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from checks.registry import CHECKS
 from checks.scoring import explain_all, map_record, predict, score_stage
 from checks.smoothing import COLUMNS as SMOOTH_COLUMNS
 from checks.smoothing import Smoothing, smoothed
-from harness.base.context import CheckContext, MapRecord
+from harness.base.context import CheckContext, MapRecord, RunNote
+from harness.base.coverage import CoverageAudit
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
 
 TARGETS = ("fixed", "argmax")
@@ -81,7 +88,8 @@ def smooth_mprt(ctx: CheckContext, order: Order = "bottom_up",
 
 def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: str,
                         granularity: str, init: str, target: str, batchnorm_stats: bool,
-                        smooth: Mapping | None = None) -> Iterator[dict | MapRecord]:
+                        smooth: Mapping | None = None
+                        ) -> Iterator[dict | MapRecord | RunNote]:
     if target not in TARGETS:
         raise ValueError(f"check.target must be fixed or argmax, got {target!r}")
     smoothing = Smoothing.of(smooth)
@@ -90,6 +98,7 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
              "target_policy": target, **smoothing.columns()}
     ctx = replace(ctx, methods=smoothed(ctx.methods, smoothing, ctx.seed))
     with restored(ctx.model) as saved:
+        audit = CoverageAudit.of(ctx.model, saved)
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
         # a resumed run explains the original model only for methods with a unit left to do
         todo = [ctx.pending(index) for index in range(len(plan) + 1)]
@@ -103,12 +112,15 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
         for index, (name, modules) in enumerate(bar, start=1):
             if not cumulative:
                 restore_(ctx.model, saved)
-            # randomized even when done: the cumulative model of later stages builds on it
+                audit.restored()
+            # randomized even when done: the cumulative model of later stages builds on it,
+            # and the coverage audit of a resumed run is whole
             randomize_(modules, init, stage_seed(ctx.seed, name), batchnorm_stats)
+            audit.differs(ctx.model, name)
             if not todo[index].methods:
                 continue
             stage_target = explained if target == "fixed" else predict(
                 ctx.model, ctx.data.inputs, ctx.batch_size)
             yield from score_stage(todo[index], references, knobs, name, index, stage_target,
                                     with_maps=True)
-
+    yield RunNote("coverage", audit.record(), audit.summary_line(batchnorm_stats))

@@ -7,6 +7,7 @@ its unit of work, its summary, its figures) comes from its registration.
 from __future__ import annotations
 
 import inspect
+import json
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -369,6 +370,12 @@ def run_record(plan: RunPlan, built: Built, run_id: str, store: RunStore, timing
               "metric_settings": {s.name: dict(s.fn.keywords) for s in built.metrics}}
     if built.trainer is not None:
         record["trained"] = {k: trained_record(t) for k, t in built.trainer.trained.items()}
+    for key, note in store.notes.items():  # the check's run-level facts (e.g. coverage)
+        if key in record:
+            raise RuntimeError(f"check {plan.check} yielded a RunNote {key!r}, a key run.json "
+                               "already has")
+        record[key] = note.value
+    record["summary_lines"] = [n.line for n in store.notes.values() if n.line]
     return record
 
 
@@ -390,11 +397,14 @@ def versions() -> dict[str, str]:
 
 def summary(run_dir: Path) -> str:
     """The end-of-run text: each check's declared summary of its rows (the similarity
-    summary when it declares none)."""
+    summary when it declares none), then the lines of its run-level notes (run.json)."""
     rows = read_rows(run_dir)
     texts = []
     for check in rows["check"].unique():
         facts = CHECKS.facts(check) if check in CHECKS else None
         text = (facts and facts.summary or similarity_summary)(rows[rows["check"] == check])
         texts.append(text)
+    record = Path(run_dir) / "run.json"
+    if record.is_file():
+        texts.append("\n".join(json.loads(record.read_text()).get("summary_lines", [])))
     return "\n\n".join(t for t in texts if t)

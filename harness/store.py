@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.base.context import REQUIRED_COLUMNS, CheckFacts, MapRecord, StageDone
+from harness.base.context import REQUIRED_COLUMNS, CheckFacts, MapRecord, RunNote, StageDone
 from harness.data import Dataset
 from harness.manifest import (  # noqa: F401  (read_rows: the reader, also harness.read_rows)
     CLAIM,
@@ -136,6 +136,7 @@ class RunStore:
                               if Path(p).name not in again and not inspection.unlisted)
         self.written: set[str] = set()
         self.rows_written = 0
+        self.notes: dict[str, RunNote] = {}  # run-level facts of the check, for run.json
 
     @property
     def parts(self) -> int:
@@ -146,9 +147,11 @@ class RunStore:
         name = part_name((check, *values))
         return name in self.done or name in self.written
 
-    def add(self, item: dict | MapRecord | StageDone | None) -> None:
+    def add(self, item: dict | MapRecord | StageDone | RunNote | None) -> None:
         if isinstance(item, MapRecord):
             self.write_maps(item)
+        elif isinstance(item, RunNote):
+            self.notes[item.key] = item  # written into run.json with the run's record
         elif isinstance(item, StageDone):
             self.flush()
         elif item is not None:

@@ -169,12 +169,15 @@ INCEPTION_V3_BLOCKS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2
 
 EFFICIENTNET = {"conv_stem", "blocks", "conv_head"}  # top-level children naming a family
 RESNET = {"conv1", "layer1", "layer4"}
+VIT = {"patch_embed", "blocks", "head"}
 
 
 def architecture_blocks(model: nn.Module) -> tuple[str, ...]:
     """Randomization blocks (input -> logits) of known families (EfficientNet / MobileNet,
-    ResNet, Inception-v3 with the paper's 17 blocks, VGG), else the top-level children."""
+    ResNet, Inception-v3 with the paper's 17 blocks, VGG, ViT), else the top-level children."""
     names = {name for name, _ in model.named_children()}
+    if VIT <= names:
+        return vit_blocks(model)
     if EFFICIENTNET <= names:
         stages = [f"blocks.{i}" for i in range(len(model.blocks))]
         return ("conv_stem", *stages, "conv_head", _classifier_name(model))
@@ -189,8 +192,10 @@ def architecture_blocks(model: nn.Module) -> tuple[str, ...]:
 
 def architecture_members(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Blocks of known families that span several modules: a stem (or head) conv randomized
-    together with its BatchNorm."""
+    together with its BatchNorm; a ViT's patch embedding with its loose tokens."""
     names = {name for name, _ in model.named_children()}
+    if VIT <= names:
+        return vit_members(model)
     if EFFICIENTNET <= names:
         return {"conv_stem": ("conv_stem", "bn1"), "conv_head": ("conv_head", "bn2")}
     if RESNET <= names:
@@ -297,3 +302,94 @@ def _disable_inplace(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
+
+
+def vit_blocks(model: nn.Module) -> tuple[str, ...]:
+    """Randomization blocks of a timm ViT / DeiT (input -> logits): the patch embedding, each
+    encoder block, the parametrized norms and pooling, the head."""
+    names = []
+    for name, child in model.named_children():
+        if name == "blocks":
+            names += [f"blocks.{i}" for i in range(len(child))]
+        elif name != "head_dist" and any(True for _ in child.parameters()):
+            names.append(name)
+    return tuple(names)
+
+
+def vit_members(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The loose tokens (class, distillation, register tokens, position embedding: parameters
+    of the model itself, in no submodule) go with the patch embedding; DeiT's distillation head
+    with the head. Without them a cascade would leave trained tensors in the random model."""
+    tokens = tuple(name for name, _ in model.named_parameters(recurse=False))
+    members = {"patch_embed": ("patch_embed", *tokens)}
+    if isinstance(getattr(model, "head_dist", None), nn.Module):
+        members["head"] = ("head", "head_dist")
+    return members
+
+
+@MODELS.register(blocks=vit_blocks, members=vit_members, gradcam_layer="")
+def vit(name: str = "vit_tiny_patch16_224", pretrained: bool = False,
+        checkpoint: str | None = None, num_classes: int | None = None,
+        img_size: int | None = None, patch_size: int | None = None, depth: int | None = None,
+        embed_dim: int | None = None, num_heads: int | None = None, in_chans: int | None = None,
+        seed: int = 0, **_) -> nn.Module:
+    """A vision transformer of timm's ViT / DeiT family by architecture name (Dosovitskiy et
+    al. 2021, arXiv 2010.11929; Touvron et al. 2021, arXiv 2012.12877). Weights: the hub when
+    ``pretrained`` and online, ``checkpoint=PATH`` (a state dict) offline, else random (seeded).
+    The size keywords (None: the architecture's own) shrink it for tests. GELU and no conv
+    block for GradCAM: ReLU-based and GradCAM methods are refused. Input (B, in_chans,
+    img_size, img_size), normalized as the architecture's config says."""
+    if pretrained and not checkpoint:
+        _require_hub(name)
+    import timm as timm_lib
+
+    if not name.startswith(("vit_", "deit")) or name not in timm_lib.list_models():
+        raise ValueError(f"model.name={name!r} is not a timm ViT / DeiT architecture (see "
+                         "timm.list_models('vit_*'), timm.list_models('deit*'))")
+    sizes = {"num_classes": num_classes, "img_size": img_size, "patch_size": patch_size,
+             "depth": depth, "embed_dim": embed_dim, "num_heads": num_heads,
+             "in_chans": in_chans}
+    kwargs = {k: v for k, v in sizes.items() if v is not None}
+    with torch.random.fork_rng(devices=[]):  # timm initializes from the global generator
+        torch.manual_seed(seed)
+        model = timm_lib.create_model(name, pretrained=bool(pretrained and not checkpoint),
+                                      **kwargs)
+    if checkpoint:
+        model.load_state_dict(_load_state_dict(checkpoint))
+    weights = checkpoint_source(checkpoint, f"pretrained:timm-hub:{name}" if pretrained
+                                else "random")
+    return _finish_vit("vit", model, weights)
+
+
+def _finish_vit(name: str, model: nn.Module, weights: str, data_config: dict | None = None
+                ) -> nn.Module:
+    """timm's finish, with the input size the model was built for (timm's data config gives
+    the architecture's default size even for a ViT built smaller)."""
+    import timm.data
+
+    _disable_inplace(model)
+    size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    config = data_config or {**timm.data.resolve_data_config({}, model=model), "input_size": size}
+    return finish(name, model, config, model.num_classes, weights)
+
+
+@MODELS.register(blocks=vit_blocks, members=vit_members, gradcam_layer="")
+def vit_mnist(num_classes: int = 10, in_chans: int = 1, input_size: int = 28, patch_size: int = 7,
+              embed_dim: int = 64, depth: int = 4, num_heads: int = 4, seed: int = 0,
+              checkpoint: str | None = None, **_) -> nn.Module:
+    """A small vision transformer for MNIST (Dosovitskiy et al. 2021, arXiv 2010.11929):
+    7x7 patches (16 tokens and a class token), width 64, 4 blocks of 4 heads, timm's
+    ``VisionTransformer``. Random (seeded) until trained: ``train.labels=true`` trains it with
+    the harness's trainer and caches the checkpoint, as for ``mnist_cnn``. Input
+    (B, in_chans, input_size, input_size) in [0, 1]."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):  # timm initializes from the global generator
+        torch.manual_seed(seed)
+        model = VisionTransformer(img_size=input_size, patch_size=patch_size, in_chans=in_chans,
+                                  num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                                  num_heads=num_heads, mlp_ratio=2.0)
+    if checkpoint:
+        model.load_state_dict(_load_state_dict(checkpoint))
+    return _finish_vit("vit_mnist", model, checkpoint_source(checkpoint),
+                       plain_data_config(in_chans, input_size))

@@ -87,3 +87,24 @@ def test_module_granularity_on_resnet():
     order = execution_order(model, torch.rand(1, 3, 32, 32))
     assert order[:2] == ["conv1", "bn1"] and order[-1] == "fc"
     assert order.index("layer1.0.conv1") < order.index("layer2.0.conv1")
+
+
+def test_default_init_covers_multihead_attention_and_loose_parameters():
+    """nn.MultiheadAttention has no reset_parameters (Quantus skips it): its own initializer
+    runs; a parameter of no module initializer (a class token) gets timm's trunc N(0, 0.02²)."""
+    from torch import nn
+
+    from harness.base.randomize import LOOSE_STD
+
+    attention = nn.MultiheadAttention(8, 2)
+    reference = nn.MultiheadAttention(8, 2)
+    torch.manual_seed(0)
+    reference._reset_parameters()
+    randomize_([attention], "default", seed=0)
+    assert torch.equal(attention.in_proj_weight, reference.in_proj_weight)
+    token = nn.Parameter(torch.ones(1, 1, 4096))
+    randomize_([token], "default", seed=0)
+    torch.manual_seed(0)  # randomize_ draws from its seed in a forked generator: the same stream
+    expected = nn.init.trunc_normal_(torch.empty(1, 1, 4096), std=LOOSE_STD, a=-2 * LOOSE_STD,
+                                     b=2 * LOOSE_STD)
+    assert torch.equal(token, expected) and token.abs().max() <= 2 * LOOSE_STD

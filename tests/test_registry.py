@@ -20,7 +20,7 @@ from harness.base.facts import (
     check_metric_facts,
     check_model_facts,
 )
-from harness.base.meta import model_meta
+from harness.base.meta import member, model_meta
 from harness.base.registry import Range, RegistrationError, Registry
 from harness.validate import check_hparams, check_metric_args
 from harness.zoo import MODELS
@@ -156,7 +156,10 @@ def test_ranges_mean_what_their_method_means():
 
 # --- models: declared blocks and GradCAM layer exist, in execution order -------------------------
 
-SMALL = {"mlp": {"hidden": [8, 4]}}  # builds that keep the table fast; others use defaults
+SMALL = {"mlp": {"hidden": [8, 4]},  # builds that keep the table fast; others use defaults
+         "vit": {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 16, "num_heads": 2,
+                 "num_classes": 5},
+         "vit_mnist": {"depth": 2, "embed_dim": 16}}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -167,8 +170,9 @@ def test_every_model_declares_blocks_that_exist_in_execution_order(name):
     assert meta.blocks == (blocks or meta.blocks) and meta.members == members
     assert meta.gradcam_layer == layer or not blocks
     for block in meta.blocks:
-        for member in meta.members.get(block, [block]):
-            assert any(True for _ in model.get_submodule(member).parameters()), member
+        for name in meta.members.get(block, [block]):  # a module with parameters, or one
+            part = member(model, name)
+            assert isinstance(part, nn.Parameter) or any(True for _ in part.parameters()), name
     if meta.gradcam_layer:
         model.get_submodule(meta.gradcam_layer)
     assert_execution_order(model, meta.blocks, meta.data_config["input_size"])

@@ -76,6 +76,17 @@ class StageDone:
     stage_index: int
 
 
+@dataclass(frozen=True)
+class RunNote:
+    """A run-level fact a check hands to the runner, never a row: ``run.json`` keeps ``value``
+    (JSON-able) under ``key`` and the end-of-run summary ends with ``line`` (if any). A resumed
+    run recomputes it (a check yields it whether or not its stages were finished before)."""
+
+    key: str
+    value: Any
+    line: str = ""
+
+
 @dataclass
 class MapRecord:
     """Normalized maps of the first samples at one stage, for figure grids."""

@@ -42,10 +42,19 @@ def fallback_meta(model: nn.Module) -> ModelMeta:
     return ModelMeta(blocks=blocks, gradcam_layer=convs[-1] if convs else "")
 
 
-def block_modules(model: nn.Module, block: str) -> list[nn.Module]:
-    """The modules a randomization block spans (itself, or its declared members)."""
+def block_modules(model: nn.Module, block: str) -> list[nn.Module | nn.Parameter]:
+    """What a randomization block spans: itself, or its declared members, modules or loose
+    parameters (a ViT's ``cls_token`` and ``pos_embed`` belong to no submodule)."""
     names = model_meta(model).members.get(block, [block])
-    return [model.get_submodule(name) for name in names]
+    return [member(model, name) for name in names]
+
+
+def member(model: nn.Module, name: str) -> nn.Module | nn.Parameter:
+    """The submodule or, failing that, the parameter called ``name``."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_parameter(name)
 
 
 def gradcam_layer(model: nn.Module) -> nn.Module:

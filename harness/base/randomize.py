@@ -17,6 +17,10 @@ from harness.base.meta import block_modules, model_meta
 
 INITS = ("default", "normal", "permute")
 NORMAL_STD = 0.01  # truncated normal, as in the paper's re-initialization of Inception-v3
+# init=default for a parameter no module initializer covers (a ViT's class token and position
+# embedding, LayerScale's gamma): timm's own initializer of cls_token / pos_embed, trunc N(0, 0.02²)
+LOOSE_STD = 0.02
+Part = nn.Module | nn.Parameter  # what a stage randomizes: whole modules, or loose parameters
 
 
 def stage_seed(base_seed: int, stage: str) -> int:
@@ -55,13 +59,31 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return [name for name, _, _ in first_calls(model, x)]
 
 
-def stages(model: nn.Module, x: torch.Tensor, granularity: str) -> list[tuple[str, list[nn.Module]]]:
-    """The randomization stages ``(name, modules)`` in execution order (input -> logits)."""
+def stages(model: nn.Module, x: torch.Tensor, granularity: str) -> list[tuple[str, list[Part]]]:
+    """The randomization stages ``(name, parts)`` in execution order (input -> logits)."""
     if granularity == "block":
         return [(b, block_modules(model, b)) for b in model_meta(model).blocks]
     if granularity == "module":
-        return [(n, [model.get_submodule(n)]) for n in execution_order(model, x[:1])]
+        called = execution_order(model, x[:1])
+        return [(n or "root", module_parts(model, n, set(called))) for n in called]
     raise ValueError(f"check.granularity must be block or module, got {granularity!r}")
+
+
+def module_parts(model: nn.Module, name: str, called: set[str]) -> list[Part]:
+    """What the stage of module ``name`` randomizes with ``granularity=module``: the module
+    when no descendant is a stage of its own; else its own parameters (a ViT's class token on
+    the root) and the children that are never called as modules (``nn.MultiheadAttention``
+    uses its ``out_proj`` weights without calling it), so that every tensor has a stage."""
+    module = model.get_submodule(name)
+    prefix = f"{name}." if name else ""
+    if not any(c.startswith(prefix) and c != name for c in called):
+        return [module]
+    parts: list[Part] = list(module.parameters(recurse=False))
+    for child_name, child in module.named_children():
+        full = prefix + child_name
+        if not any(c == full or c.startswith(full + ".") for c in called):
+            parts.append(child)
+    return parts
 
 
 def ordered(stage_list: list, order: str) -> list:
@@ -74,24 +96,43 @@ def ordered(stage_list: list, order: str) -> list:
 
 
 @torch.no_grad()
-def randomize_(modules: list[nn.Module], init: str, seed: int, batchnorm_stats: bool = False) -> None:
-    """Re-initialize the parameters of ``modules`` in place, reproducibly from ``seed``.
+def randomize_(parts: list[Part], init: str, seed: int, batchnorm_stats: bool = False) -> None:
+    """Re-initialize every parameter of ``parts`` (modules, loose parameters) in place,
+    reproducibly from ``seed``.
 
-    ``default``: each module's own ``reset_parameters``; ``normal``: truncated N(0, 0.01²);
-    ``permute``: shuffle the entries of each tensor. BatchNorm: affine parameters only unless
-    ``batchnorm_stats`` (then running mean/var are reset to 0/1 too).
+    ``default``: each module's own initializer (``reset_parameters``, or
+    ``nn.MultiheadAttention``'s ``_reset_parameters``); a parameter no initializer covers (a
+    loose one, or one of a module without initializer) gets timm's trunc N(0, 0.02²).
+    ``normal``: truncated N(0, 0.01²); ``permute``: shuffle the entries of each tensor.
+    BatchNorm: affine parameters only unless ``batchnorm_stats`` (then running mean/var are
+    reset to 0/1 too). A module shared by two parts is randomized once.
     """
     if init not in INITS:
         raise ValueError(f"check.init must be one of {', '.join(INITS)}, got {init!r}")
-    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+    tensors = [p for part in parts for p in
+               ([part] if isinstance(part, nn.Parameter) else part.parameters())]
+    device = next((p.device for p in tensors), torch.device("cpu"))
+    seen: set[int] = set()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for module in modules:
-            for leaf in module.modules():
-                _randomize_leaf(leaf, init, batchnorm_stats)
+        for part in parts:
+            if isinstance(part, nn.Parameter):
+                _randomize_tensors([part], init, seen)
+                continue
+            for leaf in part.modules():
+                if id(leaf) not in seen:
+                    seen.add(id(leaf))
+                    _randomize_leaf(leaf, init, batchnorm_stats, seen)
 
 
-def _randomize_leaf(leaf: nn.Module, init: str, batchnorm_stats: bool) -> None:
+def _initializer(leaf: nn.Module):
+    """The module's own initializer, if it has one (MultiheadAttention's is private)."""
+    if isinstance(leaf, nn.MultiheadAttention):
+        return leaf._reset_parameters
+    return getattr(leaf, "reset_parameters", None)
+
+
+def _randomize_leaf(leaf: nn.Module, init: str, batchnorm_stats: bool, seen: set[int]) -> None:
     params = list(leaf.parameters(recurse=False))
     if not params:
         return
@@ -99,18 +140,30 @@ def _randomize_leaf(leaf: nn.Module, init: str, batchnorm_stats: bool) -> None:
     stats = {}
     if is_norm and not batchnorm_stats:  # reset_parameters would also reset the statistics
         stats = {k: v.clone() for k, v in leaf.named_buffers(recurse=False)}
-    if init == "default" and hasattr(leaf, "reset_parameters"):
-        leaf.reset_parameters()
-    elif init == "permute":
-        for p in params:
-            p.copy_(p.flatten()[torch.randperm(p.numel(), device=p.device)].view_as(p))
-    else:  # normal, and the fallback for modules without their own initializer
-        for p in params:
-            nn.init.trunc_normal_(p, std=NORMAL_STD, a=-2 * NORMAL_STD, b=2 * NORMAL_STD)
+    initializer = _initializer(leaf) if init == "default" else None
+    if initializer is not None:
+        initializer()
+        seen.update(id(p) for p in params)
+    else:
+        _randomize_tensors(params, init, seen)
     if is_norm and batchnorm_stats and init != "default":
         leaf.reset_running_stats()
     for name, value in stats.items():
         getattr(leaf, name).copy_(value)
+
+
+def _randomize_tensors(params: list[nn.Parameter], init: str, seen: set[int]) -> None:
+    """Parameters without a module initializer: permuted, or drawn from a truncated normal
+    (std ``NORMAL_STD`` for init=normal, ``LOOSE_STD`` for init=default); each tensor once."""
+    std = LOOSE_STD if init == "default" else NORMAL_STD
+    for p in params:
+        if id(p) in seen:  # shared with a part already randomized in this stage
+            continue
+        seen.add(id(p))
+        if init == "permute":
+            p.copy_(p.flatten()[torch.randperm(p.numel(), device=p.device)].view_as(p))
+        else:
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
