@@ -52,8 +52,13 @@ FIGURES = (similarity_figure, grid_figures)  # Figures 4 and 2 of the paper
 HEADLINE = ("ssim", "spearman_abs", "spearman", "hog")
 
 
+def validate_smoothing(settings: dict) -> None:
+    """The ``smooth`` setting, checked when the run is planned (before any model loads)."""
+    Smoothing.of(settings.get("smooth"))
+
+
 @CHECKS.register(title="Cascading randomization", columns=COLUMNS, figures=FIGURES,
-                 headline=HEADLINE)
+                 headline=HEADLINE, validate=validate_smoothing)
 def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
               init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
               smooth: Mapping = NO_SMOOTHING, **_) -> Iterator[dict | MapRecord]:
@@ -63,7 +68,7 @@ def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granula
 
 
 @CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES,
-                 headline=HEADLINE)
+                 headline=HEADLINE, validate=validate_smoothing)
 def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
                 init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
                 smooth: Mapping = NO_SMOOTHING, **_) -> Iterator[dict | MapRecord]:
@@ -73,7 +78,7 @@ def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granu
 
 
 @CHECKS.register(title="Smooth MPRT (cascading, noisy-copy means)", columns=COLUMNS,
-                 figures=FIGURES, headline=HEADLINE)
+                 figures=FIGURES, headline=HEADLINE, validate=validate_smoothing)
 def smooth_mprt(ctx: CheckContext, order: Order = "bottom_up",
                 granularity: Granularity = "block", init: Init = "default",
                 target: Target = "fixed", batchnorm_stats: bool = False,

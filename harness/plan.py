@@ -126,6 +126,9 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Give
     check_kwargs = plain(cfg.check)
     check_keys("check", names["check"][0], CHECKS[names["check"][0]], check_kwargs, skip=1)
     check_choices("check", CHECKS[names["check"][0]], check_kwargs)
+    validate = CHECKS.facts(names["check"][0]).validate
+    if validate is not None:
+        validate(check_kwargs)
     if given.model is None and "_target_" not in model_kwargs:
         check_keys("model", names["model"][0], MODELS[names["model"][0]], model_kwargs,
                    also=("name",))

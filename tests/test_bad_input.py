@@ -59,6 +59,7 @@ CASES = [
     ("key typo with +", ["+model.nmae=resnet50"], "model.nmae: unknown key of model tiny_cnn"),
     ("unknown order", ["check.order=sideways"],
      "check.order must be one of top_down, bottom_up, got 'sideways'"),
+    ("bad smoothing", ["check.smooth.n=-1"], "check.smooth.n must be a whole number >= 0, got -1"),
     ("unknown split", ["dataset.split=val"], "dataset.split must be one of all, train, test"),
     ("override syntax", ["method=[gradient"], "cannot read 'method=[gradient'"),
 ]

@@ -152,6 +152,9 @@ class CheckFacts:
     trains_models: bool = False  # the runner fills ctx.train and explains the test split
     summary: SummaryFn | None = None  # the end-of-run text; None: the similarity summary
     figures: tuple[FigureFn, ...] = ()
+    # checks the settings (the check's config) before any model or data is loaded: raises a
+    # one-line ValueError for a value its Literal annotations cannot express (a nested setting)
+    validate: Callable[[dict], None] | None = None
     # the metrics that sum the check up, read at its last stage (mean per method over samples):
     # the sweep figures set two checks' headline scores against each other
     headline: tuple[str, ...] = ()
@@ -169,8 +172,9 @@ def check_check_facts(name: str, fn: Callable, facts: CheckFacts) -> None:
     if unknown:
         raise RegistrationError(f"check {name!r}: unit column {', '.join(unknown)} is neither a "
                                 "required column nor one of its declared columns")
-    if not all(callable(f) for f in facts.figures) or (
-            facts.summary is not None and not callable(facts.summary)):
-        raise RegistrationError(f"check {name!r}: figures and summary must be functions")
+    if not all(callable(f) for f in facts.figures) or any(
+            f is not None and not callable(f) for f in (facts.summary, facts.validate)):
+        raise RegistrationError(f"check {name!r}: figures, summary and validate must be "
+                                "functions")
 
 
