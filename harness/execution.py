@@ -88,8 +88,17 @@ def available_memory() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (``getrusage``: KB on Linux, bytes on
-    macOS)."""
+    """Peak resident memory of this process so far: ``VmHWM`` of /proc/self/status on Linux
+    (the high-water mark of its own address space; ``getrusage``'s ``ru_maxrss`` is carried
+    over ``exec`` from a forked parent, a launcher's or pytest's peak), else ``ru_maxrss``
+    (KB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -139,7 +148,7 @@ def choose_format(model: nn.Module, x: torch.Tensor, precision: str) -> tuple[st
     contiguous unmeasured (a small model: no gain to find, and the choice would vary with the
     machine's load). Returns the choice and the seconds measured per format (run.json)."""
     model, x = to_format(model, x, "contiguous")
-    if saved_bytes(model, x, precision) < MEASURE_ABOVE_BYTES:
+    if saved_bytes(model, x, precision)[0] < MEASURE_ABOVE_BYTES:
         return "contiguous", {}
     seconds = {"contiguous": [], "channels_last": []}
     for _ in range(3):
@@ -150,13 +159,15 @@ def choose_format(model: nn.Module, x: torch.Tensor, precision: str) -> tuple[st
     return min(medians, key=medians.get), medians
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor, precision: str) -> int:
-    """Bytes autograd keeps from the forward of x (B, C, H, W) for the backward (activations
-    saved by each op, counted once per storage; the model's own weights left out), plus x and
-    its gradient. These tensors are all alive when the backward starts: the peak of a
-    forward+backward above what the process already holds."""
+def saved_bytes(model: nn.Module, x: torch.Tensor, precision: str) -> tuple[int, int, int]:
+    """What the forward of x (B, C, H, W) keeps for the backward: (total bytes, bytes of the
+    largest tensor, bytes of the largest convolution workspace of one image). Activations are
+    counted once per storage, the model's own weights left out (they are held anyway); the
+    workspace is the im2col matrix (C_in / groups * kh * kw, H_out * W_out) of one image, what
+    the convolution kernels without oneDNN build per image, forward and backward."""
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
+    workspace = [0]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -164,12 +175,33 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, precision: str) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    def columns(conv: nn.Module, _, out: torch.Tensor) -> None:
+        per_image = conv.in_channels // conv.groups * conv.weight[0, 0].numel()
+        workspace[0] = max(workspace[0], per_image * out[0, 0].numel() * out.element_size())
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [conv.register_forward_hook(columns) for conv in convs]
     leaf = x.detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            precision_context(precision):
-        score = model(leaf).max(1).values.sum()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                precision_context(precision):
+            score = model(leaf).max(1).values.sum()
+    finally:
+        for handle in handles:
+            handle.remove()
     del score
-    return sum(storages.values()) + 2 * x.nbytes
+    return sum(storages.values()), max(storages.values(), default=0), workspace[0]
+
+
+def pass_bytes(model: nn.Module, x: torch.Tensor, precision: str) -> int:
+    """Estimated peak memory of one forward+backward of x (B, C, H, W) above what the process
+    holds: the tensors saved for the backward (all alive when it starts), x and its gradient,
+    the backward's own gradients, of which at most three are alive beside the saved tensors at
+    any time (the gradient reaching an op, the one it passes on, and one waiting at a residual
+    join), each at most the size of the largest saved tensor, and two convolution workspaces
+    (the im2col matrix and its gradient)."""
+    saved, largest, workspace = saved_bytes(model, x, precision)
+    return saved + 2 * x.nbytes + 3 * largest + 2 * workspace
 
 
 def auto_chunk(model: nn.Module, x: torch.Tensor, precision: str, limit: int,
@@ -177,12 +209,13 @@ def auto_chunk(model: nn.Module, x: torch.Tensor, precision: str, limit: int,
     """``internal_batch_size=auto``: the largest number of rows per forward+backward whose
     memory stays under ``limit`` bytes, at most ``most``.
 
-    Estimated from a probe: :func:`saved_bytes` of one row and of two rows of x (N, C, H, W)
+    Estimated from a probe: :func:`pass_bytes` of one row and of two rows of x (N, C, H, W)
     give the bytes per row (their difference) and a fixed part (what does not grow with the
     rows); a chunk of k rows needs ``fixed + k * per_row``. Activations grow linearly in the
-    rows, so the estimate holds for any k; the tests measure it at the chosen k. A limit below
-    one row's need fails in one line."""
-    one, two = (saved_bytes(model, x[:1].expand(k, *x.shape[1:]).clone(), precision)
+    rows, so the estimate holds for any k (tests/test_execution.py measures the peak resident
+    memory of the chosen chunk in a fresh process). A limit below one row's need fails in one
+    line."""
+    one, two = (pass_bytes(model, x[:1].expand(k, *x.shape[1:]).clone(), precision)
                 for k in (1, 2))
     per_row = max(two - one, 1)
     fixed = max(one - per_row, 0)
