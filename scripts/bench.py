@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from checks import CHECKS  # noqa: E402
 from harness.base.context import CheckContext, MetricSpec  # noqa: E402
 from harness.base.meta import model_meta  # noqa: E402
 from harness.data import DATASETS  # noqa: E402
+from harness.execution import peak_rss_bytes  # noqa: E402
 from harness.zoo import MODELS  # noqa: E402
 from methods import METHODS  # noqa: E402
 from metrics import METRICS, NORMALIZATIONS  # noqa: E402
@@ -63,25 +65,34 @@ def wall_time(fn) -> float:
     return time.perf_counter() - tic
 
 
-def bench_cascading(n: int = 8, repeat: int = 5) -> None:
-    """Per-stage time of the check (randomize a block, explain, normalize, score) over the floor.
+SETTINGS = [(f, p) for p in ("fp32", "bf16") for f in ("contiguous", "channels_last")]
+
+
+def bench_cascading(n: int = 8, repeat: int = 3) -> None:
+    """Per-stage time of the check (randomize a block, explain, normalize, score) over the floor,
+    for each memory format and precision (harness/execution.py).
 
     A check is a setup (the original model's predictions and reference maps, once) followed by
     ``blocks + 1`` stages (stage 0 re-computes the reference, then one stage per randomized
     block). The setup ends when the check yields its first item (the reference maps); the
-    stages are timed from there to the end and divided by ``blocks + 1``. The floor is measured
-    the same way, as ``blocks + 1`` forward+backward passes in a row, so that both average over
-    the same number of passes (a single pass varies by +-20 % on this VM). Floor and check
-    alternate ``repeat`` times; the ratio is the median of the ratios of adjacent pairs, which
-    share the machine's state of the moment (its speed drifts over seconds).
+    stages are timed from there to the end and divided by ``blocks + 1``. The floor is the
+    eager contiguous fp32 forward+backward of the same inputs, measured the same way, as
+    ``blocks + 1`` passes in a row (a single pass varies by +-20 % on this VM). The floor and
+    the four settings alternate ``repeat`` times; each setting's ratio is the median of its
+    ratios to the floor of the same round, which shares the machine's state of the moment.
+    The check runs with its methods bound as the runner binds them (``BoundMethod``: the
+    precision's autocast, maps back as contiguous float32) on the model and inputs converted
+    once to the setting's format.
     """
+    from harness.execution import to_format
+    from harness.run import BoundMethod
+
     model = MODELS["efficientnet_lite0"]()
     data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
     target = torch.zeros(n, dtype=torch.long)
-    ctx = CheckContext(model=model, data=data, methods={"gradient": METHODS["gradient"]},
-                       metrics=[MetricSpec(k, METRICS[k], v) for k, v in FOUR.items()],
-                       batch_size=n, progress=False)
     stages = len(model_meta(model).blocks) + 1  # stage 0, one per block
+    models = {"contiguous": model, "channels_last": to_format(
+        MODELS["efficientnet_lite0"](), data.inputs, "channels_last")[0]}
 
     def floor_passes() -> float:
         tic = time.perf_counter()
@@ -89,7 +100,14 @@ def bench_cascading(n: int = 8, repeat: int = 5) -> None:
             METHODS["gradient"](model, data.inputs, target, internal_batch_size=n)
         return (time.perf_counter() - tic) / stages
 
-    def check() -> tuple[float, float]:
+    def check(memory_format: str, precision: str) -> tuple[float, float]:
+        method = BoundMethod("gradient", METHODS["gradient"], {"internal_batch_size": n},
+                             precision)
+        inputs = to_format(models[memory_format], data.inputs, memory_format)[1]
+        ctx = CheckContext(model=models[memory_format], data=replace(data, inputs=inputs),
+                           methods={"gradient": method},
+                           metrics=[MetricSpec(k, METRICS[k], v) for k, v in FOUR.items()],
+                           batch_size=n, progress=False)
         tic = time.perf_counter()
         items = CHECKS["cascading"](ctx)
         next(items)  # the first reference map: the setup is done
@@ -98,21 +116,31 @@ def bench_cascading(n: int = 8, repeat: int = 5) -> None:
             pass
         return setup_end - tic, (time.perf_counter() - setup_end) / stages
 
-    check()  # warm-up
-    floors, per_stage, setups = [], [], []
+    for setting in SETTINGS:
+        check(*setting)  # warm-up
+    floors, per_stage = [], {setting: [] for setting in SETTINGS}
     for _ in range(repeat):
         floors.append(floor_passes())
-        setup, stage = check()
-        setups.append(setup)
-        per_stage.append(stage)
-    ratios = [s / f for f, s in zip(floors, per_stage)]
+        for setting in SETTINGS:
+            per_stage[setting].append(check(*setting)[1])
     print(f"(a) cascading, efficientnet_lite0, {n} photos, gradient, 4 metrics, "
-          f"{stages} stages per check, median of {repeat}")
-    print(f"    floor (one batched forward+backward): {statistics.median(floors) * 1e3:8.1f} ms")
-    print(f"    time per stage:                       {statistics.median(per_stage) * 1e3:8.1f} ms")
-    print(f"    setup, once (predict + reference):    {statistics.median(setups) * 1e3:8.1f} ms")
-    print(f"    ratio to the floor:                   {statistics.median(ratios):8.2f} x  "
-          f"(target <= 1.2; pairs {', '.join(f'{r:.2f}' for r in ratios)})")
+          f"{stages} stages per check, medians of {repeat} alternating rounds, load average "
+          f"{load_average()}")
+    print(f"    floor (eager contiguous fp32 forward+backward): "
+          f"{statistics.median(floors) * 1e3:8.1f} ms")
+    for setting, times in per_stage.items():
+        ratios = [t / f for f, t in zip(floors, times)]
+        print(f"    {setting[0]:>13} {setting[1]}: {statistics.median(times) * 1e3:8.1f} ms per "
+              f"stage, {statistics.median(ratios):5.2f} x the floor (rounds "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"    peak resident memory of the process: {peak_rss_bytes() / 2**20:.0f} MB")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (the machine is shared)."""
+    import os
+
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def reference_metrics(a: np.ndarray, b: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> list:
@@ -364,6 +392,125 @@ def bench_deletion(n: int = 2, steps: int = 21, repeat: int = 3) -> None:
           f"model's cost); floors alone {per['theirs_floor'] / per['ours_floor']:.2f}x")
 
 
+MPRT_METHODS = {"gradient": ("Saliency", {}),  # harness name -> Quantus/captum name, hparams
+                "integrated_gradients": ("IntegratedGradients", {"steps": 10})}
+MPRT_METRICS = {"ssim": "ssim", "spearman_abs": "correlation_spearman",
+                "pearson": "correlation_pearson"}
+
+
+def bench_mprt(n: int = 4, repeat: int = 3) -> None:
+    """(e) The Adebayo protocol against Quantus's MPRT on equal work: ResNet-18 (timm, random
+    weights: speed does not depend on them), cascading top-down over its 41 parametrized
+    modules (``granularity=module``; Quantus's ``random_layer_generator_length`` is 41 too),
+    ``n`` photos, 2 methods x 3 metrics. Quantus computes one (method, metric) per call and
+    runs every explanation again for each metric (6 calls); its IG is captum's with 10 steps
+    (hard-coded in quantus.explain), so the harness's runs 10 steps as well. The harness runs
+    through :func:`harness.evaluate` with the run's defaults (``memory_format=auto``: measured
+    on ResNet-18, which declares no choice) and once with ``memory_format=contiguous``; the
+    three alternate ``repeat`` times, medians."""
+    import quantus
+
+    import harness
+
+    model = MODELS["timm"](name="resnet18")
+    data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
+    x = data.inputs
+    target = model(x).argmax(1).detach()
+
+    def ours(memory_format: str):
+        def run() -> None:
+            harness.evaluate(MODELS["timm"](name="resnet18"), x, targets=target,
+                             methods=list(MPRT_METHODS), metrics=list(MPRT_METRICS),
+                             check="cascading", check_granularity="module", n_maps=0,
+                             progress=False, memory_format=memory_format,
+                             method={name: hp for name, (_, hp) in MPRT_METHODS.items() if hp})
+        return run
+
+    def theirs() -> None:
+        for method, _ in MPRT_METHODS.values():
+            for name in MPRT_METRICS.values():
+                metric = quantus.MPRT(similarity_func=getattr(quantus.similarity_func, name),
+                                      layer_order="top_down", disable_warnings=True,
+                                      display_progressbar=False)
+                metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=None,
+                       explain_func=quantus.explain, explain_func_kwargs={"method": method},
+                       batch_size=n, device="cpu")
+
+    runs = {"harness (defaults)": ours("auto"), "harness, contiguous": ours("contiguous"),
+            "Quantus MPRT": theirs}
+    ours("auto")()  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            times[name].append(wall_time(run))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"(e) Adebayo protocol (cascading, 41 module stages of ResNet-18), {n} photos, "
+          f"2 methods x 3 metrics, medians of {repeat} alternating runs, load average "
+          f"{load_average()}")
+    for name, seconds in medians.items():
+        print(f"    {name:<22} {seconds:7.1f} s  (runs {', '.join(f'{t:.1f}' for t in times[name])})")
+    for name in ("harness (defaults)", "harness, contiguous"):
+        ratios = [q / h for h, q in zip(times[name], times["Quantus MPRT"])]
+        print(f"    Quantus / {name}: {statistics.median(ratios):5.2f} x (target >= 6; rounds "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def ranking(table) -> list[str]:
+    """Methods by mean similarity, highest first; ties (every deterministic method scores 1 at
+    stage 0) by name, so only a real reordering counts; the control (fresh noise) left out."""
+    means = table["mean"].droplevel([0, 1])
+    means = means[means.index != "random_uniform"]
+    return sorted(means.index, key=lambda m: (-round(float(means[m]), 9), m))
+
+
+def compare_runs(a: Path, b: Path, tolerance: float = 0.01, control: str = "random_uniform"
+                 ) -> None:
+    """``--compare RUN_A RUN_B``: how far run B's summary (mean per method, metric and stage)
+    is from run A's, and whether a conclusion changes: the ranking of methods by mean
+    similarity at each stage (per metric), or whether a method is distinguishable from the
+    ``control`` at a stage (95 % t-intervals over samples that do not overlap)."""
+    import harness
+    from scipy import stats
+
+    keys = ["metric", "stage_index", "method"]
+    summaries = []
+    for run in (a, b):
+        rows = harness.read_rows(run)
+        rows = rows[rows["sample"] >= 0]
+        grouped = rows.groupby(keys)["value"]
+        table = grouped.agg(["mean", "std", "count"])
+        half = stats.t.ppf(0.975, table["count"] - 1) * table["std"] / np.sqrt(table["count"])
+        table["low"], table["high"] = table["mean"] - half, table["mean"] + half
+        summaries.append(table)
+    ta, tb = summaries
+    change = (tb["mean"] - ta["mean"]).abs()
+    methods = change.index.get_level_values("method") != control
+    print(f"summary of {b} against {a}: {len(change)} values (mean per method, metric, stage)")
+    for label, part in (("all methods", change), (f"without {control} (fresh noise per call)",
+                                                  change[methods])):
+        worst = part.idxmax()
+        where = ", ".join(f"{k} {v}" for k, v in zip(keys, worst))
+        print(f"    {label}: largest change {part.max():.4f} ({where}); "
+              f"{int((part > tolerance).sum())} of {len(part)} move by more than {tolerance}")
+    flips = []
+    for (metric, stage), part in ta.groupby(level=[0, 1]):
+        if ranking(part) != ranking(tb.xs((metric, stage), level=[0, 1], drop_level=False)):
+            flips.append(f"{metric} stage {stage}")
+    flags = {}
+    for name, table in (("a", ta), ("b", tb)):
+        for (metric, stage, method), r in table.iterrows():
+            if method == control or (metric, stage, control) not in table.index:
+                continue
+            c = table.loc[(metric, stage, control)]
+            flags[(name, metric, stage, method)] = r["high"] < c["low"] or r["low"] > c["high"]
+    changed = [k[1:] for k, v in flags.items() if k[0] == "a" and flags.get(("b", *k[1:])) != v]
+    print(f"    rankings of the methods (without {control}) that change: {len(flips)} of "
+          f"{ta.groupby(level=[0, 1]).ngroups} (metric, stage) pairs"
+          + (f": {', '.join(flips[:8])}" if flips else ""))
+    print(f"    distinguishable-from-{control} flags that change: {len(changed)}"
+          + (f": {changed[:8]}" if changed else ""))
+
+
 @torch.inference_mode()
 def forward_floor(model: torch.nn.Module, x: torch.Tensor, images: int, batch: int,
                   channels_last: bool) -> None:
@@ -384,18 +531,30 @@ def main(argv: list[str] | None = None) -> None:
                         help="(c) the per-method table (all registered methods if no name)")
     parser.add_argument("--n", type=int, default=1, help="photos per method in (c)")
     parser.add_argument("--deletion", action="store_true", help="(d) only")
+    parser.add_argument("--cascading", action="store_true", help="(a) only")
+    parser.add_argument("--mprt", action="store_true", help="(e) only")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds of (a), (e)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                        help="summary change and conclusions between two runs' tables")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
     torch.set_flush_denormal(True)  # as the runner does by default (randomized weights)
+    if args.compare:
+        compare_runs(*args.compare)
+        return
     if args.methods is not None:
         bench_methods(args.methods or None, n=args.n)
         return
-    if args.deletion:
-        bench_deletion()
+    if args.deletion or args.cascading or args.mprt:
+        args.deletion and bench_deletion()
+        args.cascading and bench_cascading(repeat=args.repeat)
+        args.mprt and bench_mprt(repeat=args.repeat)
         return
-    bench_cascading()
+    bench_cascading(repeat=args.repeat)
     bench_metrics()
     bench_deletion()
+    bench_mprt(repeat=args.repeat)
+    print(f"peak resident memory of the bench: {peak_rss_bytes() / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":
