@@ -219,3 +219,17 @@ def test_bad_settings_fail_in_one_line(key, value, message):
         harness.evaluate("tiny_cnn", tiny_inputs(), methods=["gradient"], metrics=["ssim"],
                          n_maps=0, progress=False, model_weights="random", **{key: value})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("init", ["default", "normal", "permute"])
+def test_randomizing_and_restoring_keep_the_format(init):
+    """The model is converted once per run: randomizing a stage in place and restoring it
+    leave its conv weights channels-last (no stage falls back to contiguous kernels)."""
+    from harness.base.randomize import randomize_, restored
+
+    model = to_format(MODELS["tiny_cnn"](), tiny_inputs(1, 8), "channels_last")[0]
+    convs = [model.conv1, model.conv2]
+    with restored(model):
+        randomize_(convs, init, seed=0)
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
