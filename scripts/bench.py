@@ -426,10 +426,17 @@ def bench_mprt(n: int = 4, repeat: int = 3) -> None:
                              method={name: hp for name, (_, hp) in MPRT_METHODS.items() if hp})
         return run
 
+    def batched(name: str):
+        """Quantus's similarity function as MPRT calls it (a, b, batched=True), its result as
+        an array: Quantus 0.6's ssim returns a list there, on which MPRT's ``.tolist()``
+        fails."""
+        fn = getattr(quantus.similarity_func, name)
+        return lambda a, b, **kwargs: np.asarray(fn(a, b, **kwargs))
+
     def theirs() -> None:
         for method, _ in MPRT_METHODS.values():
             for name in MPRT_METRICS.values():
-                metric = quantus.MPRT(similarity_func=getattr(quantus.similarity_func, name),
+                metric = quantus.MPRT(similarity_func=batched(name),
                                       layer_order="top_down", disable_warnings=True,
                                       display_progressbar=False)
                 metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=None,
