@@ -447,9 +447,10 @@ def bench_mprt(n: int = 4, repeat: int = 3) -> None:
             "Quantus MPRT": theirs}
     ours("auto")()  # warm-up
     times = {name: [] for name in runs}
-    for _ in range(repeat):
+    for round_ in range(repeat):
         for name, run in runs.items():
             times[name].append(wall_time(run))
+            print(f"    round {round_ + 1}: {name} {times[name][-1]:.1f} s", flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"(e) Adebayo protocol (cascading, 41 module stages of ResNet-18), {n} photos, "
           f"2 methods x 3 metrics, medians of {repeat} alternating runs, load average "
