@@ -23,7 +23,8 @@ from harness.manifest import inspect_run, read_parts
 from harness.store import FAILED, write_table
 from harness.verify import expected_jobs, run_dirs
 
-PER_MODEL = ("run_id", "shard", "num_shards", "job")  # columns that differ between the shards
+PER_MODEL = ("run_id", "shard", "num_shards", "job",  # columns that differ between the shards
+             "memory_format")  # (memory_format=auto measures per job on models without a choice)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 from checks import CHECKS
 from harness.base.dataset import Dataset
 from harness.data import DATASETS
+from harness.execution import memory_bytes, memory_format_name, precision_name
 from harness.plugins import load_plugins
 from harness.store import config_digest
 from harness.train import DEFAULT_CACHE_DIR, normalize_labels
@@ -68,7 +69,10 @@ class RunPlan:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 16
-    internal_batch_size: int = 16
+    internal_batch_size: int | str = 16  # rows per forward+backward, or "auto" (memory_limit)
+    memory_limit: int | None = None  # bytes for internal_batch_size=auto (None: half available)
+    memory_format: str = "auto"  # auto | contiguous | channels_last (harness.execution)
+    precision: str = "fp32"  # fp32 | bf16
     n_maps: int = 4
     progress: bool = True
     figures: bool = True
@@ -145,7 +149,10 @@ def make_plan(cfg: DictConfig, choices: dict, run_dir: Path, given: Given = Give
         dataset_kwargs=dataset_kwargs, shard=shard[0], num_shards=shard[1],
         check_kwargs=check_kwargs, seed=check_count("seed", cfg.seed, 0),
         device=device_name(cfg.device), batch_size=check_count("batch_size", cfg.batch_size, 1),
-        internal_batch_size=check_count("internal_batch_size", cfg.internal_batch_size, 1),
+        internal_batch_size=chunk_rows(cfg.internal_batch_size),
+        memory_limit=memory_bytes(cfg.get("memory_limit")),
+        memory_format=memory_format_name(cfg.get("memory_format", "auto")),
+        precision=precision_name(cfg.get("precision", "fp32")),
         n_maps=check_count("n_maps", cfg.n_maps, 0), progress=bool(cfg.progress),
         figures=bool(cfg.figures),
         flush_denormal=bool(cfg.get("flush_denormal", False)),
@@ -227,6 +234,16 @@ def check_registered(names: dict[str, list[str]]) -> None:
 def plain(node) -> dict:
     """A config node as a plain dict (interpolations resolved); {} for a missing node."""
     return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+
+
+def chunk_rows(value) -> int | str:
+    """``internal_batch_size``: a whole number >= 1, or ``auto`` (the largest chunk under
+    ``memory_limit``, :func:`harness.execution.auto_chunk`)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"internal_batch_size must be a whole number >= 1 or auto, got {value!r}")
+    return value
 
 
 def device_name(value) -> str:

@@ -24,6 +24,15 @@ from checks.uncertainty import summary_table
 from harness.base.context import CheckContext, MetricSpec
 from harness.base.meta import attach_meta, fallback_meta, model_meta
 from harness.data import DATASETS, Dataset
+from harness.execution import (
+    TORCH_FORMATS,
+    auto_chunk,
+    available_memory,
+    choose_format,
+    peak_rss_bytes,
+    precision_context,
+    to_format,
+)
 from harness.plan import RunPlan, make_plan
 from harness.report import write_report
 from harness.store import (
@@ -55,6 +64,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
+class Execution:
+    """How every forward+backward of the run executes, chosen once before any map is made
+    (:mod:`harness.execution`): the reference maps and every stage's maps alike."""
+
+    memory_format: str  # contiguous | channels_last (auto resolved)
+    precision: str  # fp32 | bf16
+    internal_batch_size: int  # rows per forward+backward (auto resolved)
+    details: dict  # how they were chosen (run.json "execution")
+
+
+@dataclass
 class Built:
     """What a plan builds before the check runs."""
 
@@ -66,6 +86,7 @@ class Built:
     device: torch.device
     weights: str  # where the model's weights came from (a column of every row)
     warnings: list[str]  # said to the user and recorded in run.json
+    execution: Execution  # memory format, precision, rows per pass (columns and run.json)
 
 
 def run(cfg: DictConfig, choices: dict, run_dir: Path) -> Path:
@@ -93,7 +114,9 @@ def execute_owned(plan: RunPlan) -> Path:
     store = RunStore(plan.run_dir, {"run_id": run_id, "model": plan.model_label,
                                     "dataset": plan.dataset, "seed": plan.seed,
                                     "shard": plan.shard, "num_shards": plan.num_shards,
-                                    "weights": built.weights},
+                                    "weights": built.weights,
+                                    "memory_format": built.execution.memory_format,
+                                    "precision": built.execution.precision},
                      CHECKS.facts(plan.check))
     for line in store.problems:  # parts it does not trust (moved aside), foreign files
         print(f"[sanity] {line}")
@@ -119,8 +142,7 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
     trained first when ``train.labels`` asks for it."""
     tic = time.perf_counter()
     model = build_model(plan).to(device)
-    methods = bind_methods(plan)
-    check_model_needs(model, plan.model_label, methods)
+    check_model_needs(model, plan.model_label, plan.methods)
     timings["load_model_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     data = plan.given.data or load_data(plan, model, split="test" if plan.trains else None)
@@ -129,7 +151,9 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
     data.inputs = data.inputs.to(device)
     check_input_size(model, plan.model_label, data.inputs, plan.dataset)
     metrics = build_metrics(plan, tuple(data.inputs.shape[-2:]))
-    trainer = build_trainer(plan, model, device) if plan.trains else None
+    execution = choose_execution(plan, model, data.inputs[:plan.batch_size])
+    model, data.inputs = to_format(model, data.inputs, execution.memory_format)
+    trainer = build_trainer(plan, model, device, execution.memory_format) if plan.trains else None
     timings["load_data_s"] = time.perf_counter() - tic
     weights = weights_source(plan, model)
     if plan.train_labels:  # any check on a model trained first (cached)
@@ -138,7 +162,32 @@ def build(plan: RunPlan, device: torch.device, timings: dict[str, float]) -> Bui
         model, weights = trained.model, f"trained:{Path(trained.checkpoint).stem}"
         timings["train_s"] = time.perf_counter() - tic
     check_weights(plan, weights)
-    return Built(model, data, methods, metrics, trainer, device, weights, warnings)
+    methods = bind_methods(plan, execution)
+    return Built(model, data, methods, metrics, trainer, device, weights, warnings, execution)
+
+
+def choose_execution(plan: RunPlan, model: torch.nn.Module, x: torch.Tensor) -> Execution:
+    """The run's memory format (``auto``: the model's declared choice, else measured on the
+    first batch x), precision and rows per forward+backward (``auto``: the largest chunk under
+    ``memory_limit``, estimated from a probe in the chosen format and precision)."""
+    declared = (MODELS.facts(plan.model).memory_format
+                if plan.given.model is None and plan.model in MODELS else "")
+    details: dict = {"memory_format_source": "given"}
+    memory_format = plan.memory_format
+    if memory_format == "auto" and declared:
+        memory_format, details["memory_format_source"] = declared, "declared by the model"
+    elif memory_format == "auto":
+        memory_format, seconds = choose_format(model, x, plan.precision)
+        details.update(memory_format_source="measured" if seconds else "small model",
+                       memory_format_seconds=seconds)
+    rows = plan.internal_batch_size
+    if rows == "auto":
+        limit = plan.memory_limit or available_memory() // 2
+        moved, x = to_format(model, x, memory_format)
+        rows, details["internal_batch_size_probe"] = auto_chunk(moved, x, plan.precision, limit)
+        print(f"[sanity] internal_batch_size=auto: {rows} rows per forward+backward under "
+              f"{limit / 2**20:.0f} MB")
+    return Execution(memory_format, plan.precision, int(rows), details)
 
 
 def fewer_inputs_than_asked(plan: RunPlan, data: Dataset) -> list[str]:
@@ -175,7 +224,7 @@ def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
     store.write_inputs(built.data, plan.n_maps)
     ctx = CheckContext(model=built.model, data=built.data, methods=built.methods,
                        metrics=built.metrics, seed=plan.seed, batch_size=plan.batch_size,
-                       internal_batch_size=plan.internal_batch_size,
+                       internal_batch_size=built.execution.internal_batch_size,
                        n_maps=plan.n_maps, progress=plan.progress, train=built.trainer,
                        finished=partial(store.finished, plan.check))
     print(f"[sanity] {plan.model_label} on {built.data.source}: {len(built.data.samples)} "
@@ -232,15 +281,19 @@ class BoundMethod:
     only the keywords it takes; a map shaped (B, H, W) or (B, 1, H, W) is broadcast over x's
     channels; any other shape fails in one line."""
 
-    def __init__(self, name: str, fn, keywords: dict):
+    def __init__(self, name: str, fn, keywords: dict, precision: str = "fp32"):
         params = inspect.signature(fn).parameters
         takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        self.name, self.func = name, fn
+        self.name, self.func, self.precision = name, fn, precision
         self.keywords = {k: v for k, v in keywords.items() if takes_all or k in params}
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor
                  ) -> torch.Tensor:
-        out = torch.as_tensor(self.func(model, x, target, **self.keywords))
+        with precision_context(self.precision):
+            out = torch.as_tensor(self.func(model, x, target, **self.keywords))
+        # maps in float32 and contiguous whatever the passes ran in: normalization and metrics
+        # see the same layout and dtype under every setting
+        out = out.float().contiguous() if out.is_floating_point() else out
         if out.shape == x.shape:
             return out
         if out.shape in (x.shape[:1] + x.shape[2:], x.shape[:1] + (1,) + x.shape[2:]):
@@ -250,11 +303,11 @@ class BoundMethod:
                          "like its input, or (B, H, W) / (B, 1, H, W)")
 
 
-def bind_methods(plan: RunPlan) -> dict[str, BoundMethod]:
+def bind_methods(plan: RunPlan, execution: Execution) -> dict[str, BoundMethod]:
     """The selected methods with their hyperparameters and the run-wide settings bound."""
-    common = {"internal_batch_size": plan.internal_batch_size, "seed": plan.seed}
+    common = {"internal_batch_size": execution.internal_batch_size, "seed": plan.seed}
     return {name: BoundMethod(name, plan.given.methods.get(name) or METHODS[name],
-                              {**common, **hparams})
+                              {**common, **hparams}, execution.precision)
             for name, hparams in plan.methods.items()}
 
 
@@ -329,9 +382,11 @@ def load_data(plan: RunPlan, model: torch.nn.Module, split: str | None = None,
     return DATASETS[plan.dataset](**kwargs, data_config=model_meta(model).data_config)
 
 
-def build_trainer(plan: RunPlan, model: torch.nn.Module, device: torch.device) -> Trainer:
+def build_trainer(plan: RunPlan, model: torch.nn.Module, device: torch.device,
+                  memory_format: str = "contiguous") -> Trainer:
     """Trains the run's architecture on the dataset's whole train split (``train`` settings),
-    caching checkpoints in ``cache_dir``; test accuracy on the whole test split."""
+    caching checkpoints in ``cache_dir``; test accuracy on the whole test split. Models and
+    inputs in the run's ``memory_format``."""
     with_splits = sorted(n for n, fn in DATASETS.items()
                          if "split" in inspect.signature(fn).parameters)
     if plan.dataset not in with_splits:
@@ -340,11 +395,13 @@ def build_trainer(plan: RunPlan, model: torch.nn.Module, device: torch.device) -
     train_set, test_set = (load_data(plan, model, split=s, n=None) for s in ("train", "test"))
     for part in (train_set, test_set):
         part.inputs, part.labels = part.inputs.to(device), part.labels.to(device)
+        part.inputs = part.inputs.contiguous(memory_format=TORCH_FORMATS[memory_format])
     identity = {"model": plan.model_label, "model_registry": plan.model,
                 "model_config": plan.model_kwargs, "dataset": plan.dataset}
     return Trainer(build=partial(MODELS[plan.model], **builder_kwargs(plan)), train_set=train_set,
                    test_set=test_set, identity=identity, settings=plan.train, seed=plan.seed,
-                   cache_dir=plan.cache_dir, device=device, progress=plan.progress)
+                   cache_dir=plan.cache_dir, device=device, progress=plan.progress,
+                   memory_format=memory_format)
 
 
 def draw_figures(run_dir: Path) -> float:
@@ -367,6 +424,11 @@ def run_record(plan: RunPlan, built: Built, run_id: str, store: RunStore, timing
               "parts_kept": kept, "parts_computed": store.parts,
               "parts": store.committed_rows(),  # every rows part -> rows (sanity verify)
               "rows_total": sum(store.committed_rows().values()),
+              "execution": {"memory_format": built.execution.memory_format,
+                            "precision": built.execution.precision,
+                            "internal_batch_size": built.execution.internal_batch_size,
+                            **built.execution.details},
+              "peak_rss_bytes": peak_rss_bytes(),
               "metric_settings": {s.name: dict(s.fn.keywords) for s in built.metrics}}
     if built.trainer is not None:
         record["trained"] = {k: trained_record(t) for k, t in built.trainer.trained.items()}

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from harness.base.context import TrainedModel
 from harness.base.randomize import stage_seed
 from harness.data import Dataset
+from harness.execution import TORCH_FORMATS
 
 LABELS = ("true", "random")
 OPTIMIZERS = ("adam", "sgd")
@@ -110,6 +111,7 @@ class Trainer:
     cache_dir: str | Path = DEFAULT_CACHE_DIR
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    memory_format: str = "contiguous"  # of the models trained and their inputs (the run's)
     trained: dict[str, TrainedModel] = field(default_factory=dict)  # labels -> result, this run
 
     def __call__(self, labels: str) -> TrainedModel:
@@ -144,7 +146,7 @@ class Trainer:
         x, y = self.training_data(labels, settings)
         key_hash = self._key_hash(labels, settings, x, y)
         path = self._path(labels, key_hash)
-        model = self.build().to(self.device)
+        model = self.build().to(self.device, memory_format=TORCH_FORMATS[self.memory_format])
         saved = load_checkpoint(path, key_hash)
         if saved is not None:
             model.load_state_dict(saved["state_dict"])

@@ -123,7 +123,9 @@ def mlp(num_classes: int = 10, in_chans: int = 1, input_size: int = 28,
 @MODELS.register(blocks=("conv_stem", *(f"blocks.{i}" for i in range(7)), "conv_head",
                          "classifier"),
                  members={"conv_stem": ("conv_stem", "bn1"), "conv_head": ("conv_head", "bn2")},
-                 gradcam_layer="bn2")  # the last conv block's activated output
+                 gradcam_layer="bn2",  # the last conv block's activated output
+                 # AMD EPYC, 2 cores: forward+backward of 8 photos 1.65x faster (issue #17)
+                 memory_format="channels_last")
 def efficientnet_lite0(checkpoint: str | None = None, **_) -> nn.Module:
     """EfficientNet-Lite0 (Tan & Le 2019) with real ImageNet weights, offline.
 

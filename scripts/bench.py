@@ -2,9 +2,9 @@
 speed against scikit-image/scipy on identical maps. Prints a table; writes nothing.
 
 (a) cascading check on efficientnet_lite0, 8 foolbox photos, method ``gradient``, metrics
-    ssim + spearman + spearman_abs + hog: time per stage versus the floor, one batched
-    forward+backward of the same inputs (the one-time setup, predictions and reference maps,
-    is printed apart).
+    ssim + spearman + spearman_abs + hog: time per stage versus the floor, one batched eager
+    contiguous fp32 forward+backward of the same inputs, for each memory format x precision
+    (the one-time setup, predictions and reference maps, is printed apart); peak memory.
 (b) the four metrics on 64 pairs of 224x224 maps: batched torch versus a loop of
     skimage.metrics.structural_similarity / scipy.stats.spearmanr / skimage.feature.hog.
 (c) ``--methods``: every registered method on efficientnet_lite0 and foolbox photos, at its
@@ -17,16 +17,20 @@ speed against scikit-image/scipy on identical maps. Prints a table; writes nothi
 (e) smooth MPRT through the harness versus Quantus's SmoothMPRT on equal work: timm ResNet-18,
     the same photos, N noisy copies, every parametrized module a stage (bottom-up), the gradient
     and rank correlation of absolute maps.
+(f) the Adebayo protocol through the harness versus Quantus's MPRT on equal work: ResNet-18,
+    41 module stages, 4 photos, 2 methods x 3 metrics, medians of alternating rounds.
 
-Usage: ``python scripts/bench.py`` runs (a), (b), (d) and (e); ``--methods [NAME ...]`` runs (c),
-for the named methods only if given; ``--deletion`` runs (d) alone, ``--smooth`` (e) alone
-(``--smooth-n`` copies, ``--n`` photos).
+Usage: ``python scripts/bench.py`` runs (a), (b), (d), (e) and (f); ``--methods [NAME ...]``
+runs (c), for the named methods only if given; ``--cascading``, ``--deletion``, ``--smooth``
+(``--smooth-n`` copies, ``--n`` photos) and ``--mprt`` run (a), (d), (e), (f) alone
+(``--repeat`` rounds); ``--compare RUN_A RUN_B`` compares two runs' summaries and conclusions.
 """
 from __future__ import annotations
 
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +47,7 @@ from harness.base.context import CheckContext, MetricSpec  # noqa: E402
 from harness.base.meta import model_meta  # noqa: E402
 from harness.base.randomize import stages  # noqa: E402
 from harness.data import DATASETS  # noqa: E402
+from harness.execution import peak_rss_bytes  # noqa: E402
 from harness.zoo import MODELS  # noqa: E402
 from methods import METHODS  # noqa: E402
 from metrics import METRICS, NORMALIZATIONS  # noqa: E402
@@ -68,25 +73,34 @@ def wall_time(fn) -> float:
     return time.perf_counter() - tic
 
 
-def bench_cascading(n: int = 8, repeat: int = 5) -> None:
-    """Per-stage time of the check (randomize a block, explain, normalize, score) over the floor.
+SETTINGS = [(f, p) for p in ("fp32", "bf16") for f in ("contiguous", "channels_last")]
+
+
+def bench_cascading(n: int = 8, repeat: int = 3) -> None:
+    """Per-stage time of the check (randomize a block, explain, normalize, score) over the floor,
+    for each memory format and precision (harness/execution.py).
 
     A check is a setup (the original model's predictions and reference maps, once) followed by
     ``blocks + 1`` stages (stage 0 re-computes the reference, then one stage per randomized
     block). The setup ends when the check yields its first item (the reference maps); the
-    stages are timed from there to the end and divided by ``blocks + 1``. The floor is measured
-    the same way, as ``blocks + 1`` forward+backward passes in a row, so that both average over
-    the same number of passes (a single pass varies by +-20 % on this VM). Floor and check
-    alternate ``repeat`` times; the ratio is the median of the ratios of adjacent pairs, which
-    share the machine's state of the moment (its speed drifts over seconds).
+    stages are timed from there to the end and divided by ``blocks + 1``. The floor is the
+    eager contiguous fp32 forward+backward of the same inputs, measured the same way, as
+    ``blocks + 1`` passes in a row (a single pass varies by +-20 % on this VM). The floor and
+    the four settings alternate ``repeat`` times; each setting's ratio is the median of its
+    ratios to the floor of the same round, which shares the machine's state of the moment.
+    The check runs with its methods bound as the runner binds them (``BoundMethod``: the
+    precision's autocast, maps back as contiguous float32) on the model and inputs converted
+    once to the setting's format.
     """
+    from harness.execution import to_format
+    from harness.run import BoundMethod
+
     model = MODELS["efficientnet_lite0"]()
     data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
     target = torch.zeros(n, dtype=torch.long)
-    ctx = CheckContext(model=model, data=data, methods={"gradient": METHODS["gradient"]},
-                       metrics=[MetricSpec(k, METRICS[k], v) for k, v in FOUR.items()],
-                       batch_size=n, progress=False)
     stages = len(model_meta(model).blocks) + 1  # stage 0, one per block
+    models = {"contiguous": model, "channels_last": to_format(
+        MODELS["efficientnet_lite0"](), data.inputs, "channels_last")[0]}
 
     def floor_passes() -> float:
         tic = time.perf_counter()
@@ -94,7 +108,14 @@ def bench_cascading(n: int = 8, repeat: int = 5) -> None:
             METHODS["gradient"](model, data.inputs, target, internal_batch_size=n)
         return (time.perf_counter() - tic) / stages
 
-    def check() -> tuple[float, float]:
+    def check(memory_format: str, precision: str) -> tuple[float, float]:
+        method = BoundMethod("gradient", METHODS["gradient"], {"internal_batch_size": n},
+                             precision)
+        inputs = to_format(models[memory_format], data.inputs, memory_format)[1]
+        ctx = CheckContext(model=models[memory_format], data=replace(data, inputs=inputs),
+                           methods={"gradient": method},
+                           metrics=[MetricSpec(k, METRICS[k], v) for k, v in FOUR.items()],
+                           batch_size=n, progress=False)
         tic = time.perf_counter()
         items = CHECKS["cascading"](ctx)
         next(items)  # the first reference map: the setup is done
@@ -103,21 +124,31 @@ def bench_cascading(n: int = 8, repeat: int = 5) -> None:
             pass
         return setup_end - tic, (time.perf_counter() - setup_end) / stages
 
-    check()  # warm-up
-    floors, per_stage, setups = [], [], []
+    for setting in SETTINGS:
+        check(*setting)  # warm-up
+    floors, per_stage = [], {setting: [] for setting in SETTINGS}
     for _ in range(repeat):
         floors.append(floor_passes())
-        setup, stage = check()
-        setups.append(setup)
-        per_stage.append(stage)
-    ratios = [s / f for f, s in zip(floors, per_stage)]
+        for setting in SETTINGS:
+            per_stage[setting].append(check(*setting)[1])
     print(f"(a) cascading, efficientnet_lite0, {n} photos, gradient, 4 metrics, "
-          f"{stages} stages per check, median of {repeat}")
-    print(f"    floor (one batched forward+backward): {statistics.median(floors) * 1e3:8.1f} ms")
-    print(f"    time per stage:                       {statistics.median(per_stage) * 1e3:8.1f} ms")
-    print(f"    setup, once (predict + reference):    {statistics.median(setups) * 1e3:8.1f} ms")
-    print(f"    ratio to the floor:                   {statistics.median(ratios):8.2f} x  "
-          f"(target <= 1.2; pairs {', '.join(f'{r:.2f}' for r in ratios)})")
+          f"{stages} stages per check, medians of {repeat} alternating rounds, load average "
+          f"{load_average()}")
+    print(f"    floor (eager contiguous fp32 forward+backward): "
+          f"{statistics.median(floors) * 1e3:8.1f} ms")
+    for setting, times in per_stage.items():
+        ratios = [t / f for f, t in zip(floors, times)]
+        print(f"    {setting[0]:>13} {setting[1]}: {statistics.median(times) * 1e3:8.1f} ms per "
+              f"stage, {statistics.median(ratios):5.2f} x the floor (rounds "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"    peak resident memory of the process: {peak_rss_bytes() / 2**20:.0f} MB")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (the machine is shared)."""
+    import os
+
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def reference_metrics(a: np.ndarray, b: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> list:
@@ -427,6 +458,125 @@ def bench_smooth_mprt(n: int = 2, copies: int = 10) -> None:
           f"(target >= 5)")
 
 
+MPRT_METHODS = {"gradient": ("Saliency", {}),  # harness name -> Quantus/captum name, hparams
+                "integrated_gradients": ("IntegratedGradients", {"steps": 10})}
+MPRT_METRICS = {"ssim": "ssim", "spearman_abs": "correlation_spearman",
+                "pearson": "correlation_pearson"}
+
+
+def bench_mprt(n: int = 4, repeat: int = 3) -> None:
+    """(f) The Adebayo protocol against Quantus's MPRT on equal work: ResNet-18 (timm, random
+    weights: speed does not depend on them), cascading top-down over its 41 parametrized
+    modules (``granularity=module``; Quantus's ``random_layer_generator_length`` is 41 too),
+    ``n`` photos, 2 methods x 3 metrics. Quantus computes one (method, metric) per call and
+    runs every explanation again for each metric (6 calls); its IG is captum's with 10 steps
+    (hard-coded in quantus.explain), so the harness's runs 10 steps as well. The harness runs
+    through :func:`harness.evaluate` with the run's defaults (``memory_format=auto``: measured
+    on ResNet-18, which declares no choice) and once with ``memory_format=contiguous``; the
+    three alternate ``repeat`` times, medians."""
+    import quantus
+
+    import harness
+
+    model = MODELS["timm"](name="resnet18")
+    data = DATASETS["imagenet_samples"](n=n, data_config=model_meta(model).data_config)
+    x = data.inputs
+    target = model(x).argmax(1).detach()
+
+    def ours(memory_format: str):
+        def run() -> None:
+            harness.evaluate(MODELS["timm"](name="resnet18"), x, targets=target,
+                             methods=list(MPRT_METHODS), metrics=list(MPRT_METRICS),
+                             check="cascading", check_granularity="module", n_maps=0,
+                             progress=False, memory_format=memory_format,
+                             method={name: hp for name, (_, hp) in MPRT_METHODS.items() if hp})
+        return run
+
+    def batched(name: str):
+        """Quantus's similarity function as MPRT calls it (a, b, batched=True), its result as
+        an array: Quantus 0.6's ssim returns a list there, on which MPRT's ``.tolist()``
+        fails."""
+        fn = getattr(quantus.similarity_func, name)
+        return lambda a, b, **kwargs: np.asarray(fn(a, b, **kwargs))
+
+    def theirs() -> None:
+        for method, _ in MPRT_METHODS.values():
+            for name in MPRT_METRICS.values():
+                metric = quantus.MPRT(similarity_func=batched(name),
+                                      layer_order="top_down", disable_warnings=True,
+                                      display_progressbar=False)
+                metric(model=model, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=None,
+                       explain_func=quantus.explain, explain_func_kwargs={"method": method},
+                       batch_size=n, device="cpu")
+
+    runs = {"harness (defaults)": ours("auto"), "harness, contiguous": ours("contiguous"),
+            "Quantus MPRT": theirs}
+    ours("auto")()  # warm-up
+    times = {name: [] for name in runs}
+    for round_ in range(repeat):
+        for name, run in runs.items():
+            times[name].append(wall_time(run))
+            print(f"    round {round_ + 1}: {name} {times[name][-1]:.1f} s", flush=True)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"(f) Adebayo protocol (cascading, 41 module stages of ResNet-18), {n} photos, "
+          f"2 methods x 3 metrics, medians of {repeat} alternating runs, load average "
+          f"{load_average()}")
+    for name, seconds in medians.items():
+        print(f"    {name:<22} {seconds:7.1f} s  (runs {', '.join(f'{t:.1f}' for t in times[name])})")
+    for name in ("harness (defaults)", "harness, contiguous"):
+        ratios = [q / h for h, q in zip(times[name], times["Quantus MPRT"])]
+        print(f"    Quantus / {name}: {statistics.median(ratios):5.2f} x (target >= 6; rounds "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def ranking(table) -> list[str]:
+    """Methods by mean similarity, highest first; ties (every deterministic method scores 1 at
+    stage 0) by name, so only a real reordering counts; the control (fresh noise) left out."""
+    means = table["mean"].droplevel([0, 1])
+    means = means[means.index != "random_uniform"]
+    return sorted(means.index, key=lambda m: (-round(float(means[m]), 9), m))
+
+
+def compare_runs(a: Path, b: Path, tolerance: float = 0.01, control: str = "random_uniform"
+                 ) -> None:
+    """``--compare RUN_A RUN_B``: how far run B's summary (mean per method, metric and stage)
+    is from run A's, and whether a conclusion changes: the ranking of methods by mean
+    similarity at each stage (per metric), or whether a method is distinguishable from the
+    ``control`` at a stage (the summary's paired test, :mod:`checks.uncertainty`)."""
+    import harness
+    from checks.uncertainty import summary_table
+
+    keys = ["metric", "stage_index", "method"]
+    summaries = []
+    for run in (a, b):
+        rows = harness.read_rows(run)
+        rows = rows[rows["sample"] >= 0]
+        summaries.append(summary_table(rows.drop(columns=["check"]), int(rows["seed"].iloc[0]))
+                         .set_index(keys))
+    ta, tb = summaries
+    change = (tb["mean"] - ta["mean"]).abs()
+    methods = change.index.get_level_values("method") != control
+    print(f"summary of {b} against {a}: {len(change)} values (mean per method, metric, stage)")
+    for label, part in (("all methods", change), (f"without {control} (fresh noise per call)",
+                                                  change[methods])):
+        worst = part.idxmax()
+        where = ", ".join(f"{k} {v}" for k, v in zip(keys, worst))
+        print(f"    {label}: largest change {part.max():.4f} ({where}); "
+              f"{int((part > tolerance).sum())} of {len(part)} move by more than {tolerance}")
+    flips = []
+    for (metric, stage), part in ta.groupby(level=[0, 1]):
+        if ranking(part) != ranking(tb.xs((metric, stage), level=[0, 1], drop_level=False)):
+            flips.append(f"{metric} stage {stage}")
+    flags = {name: table["distinguishable"].dropna() for name, table in (("a", ta), ("b", tb))}
+    both = flags["a"].index.intersection(flags["b"].index)
+    changed = [key for key in both if flags["a"][key] != flags["b"][key]]
+    print(f"    rankings of the methods (without {control}) that change: {len(flips)} of "
+          f"{ta.groupby(level=[0, 1]).ngroups} (metric, stage) pairs"
+          + (f": {', '.join(flips[:8])}" if flips else ""))
+    print(f"    distinguishable-from-{control} flags that change: {len(changed)}"
+          + (f": {changed[:8]}" if changed else ""))
+
+
 @torch.inference_mode()
 def forward_floor(model: torch.nn.Module, x: torch.Tensor, images: int, batch: int,
                   channels_last: bool) -> None:
@@ -449,22 +599,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deletion", action="store_true", help="(d) only")
     parser.add_argument("--smooth", action="store_true", help="(e) only")
     parser.add_argument("--smooth-n", type=int, default=10, help="noisy copies per map in (e)")
+    parser.add_argument("--cascading", action="store_true", help="(a) only")
+    parser.add_argument("--mprt", action="store_true", help="(f) only")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds of (a), (e)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                        help="summary change and conclusions between two runs' tables")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(True)
     torch.set_flush_denormal(True)  # as the runner does by default (randomized weights)
+    if args.compare:
+        compare_runs(*args.compare)
+        return
     if args.methods is not None:
         bench_methods(args.methods or None, n=args.n)
         return
-    if args.deletion:
-        bench_deletion()
+    if args.deletion or args.cascading or args.mprt:
+        args.deletion and bench_deletion()
+        args.cascading and bench_cascading(repeat=args.repeat)
+        args.mprt and bench_mprt(repeat=args.repeat)
         return
     if args.smooth:
         bench_smooth_mprt(n=max(args.n, 2), copies=args.smooth_n)
         return
-    bench_cascading()
+    bench_cascading(repeat=args.repeat)
     bench_metrics()
     bench_deletion()
     bench_smooth_mprt(copies=args.smooth_n)
+    bench_mprt(repeat=args.repeat)
+    print(f"peak resident memory of the bench: {peak_rss_bytes() / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -103,11 +103,15 @@ class ModelFacts:
     output GradCAM weighs ("" when the model has none). Each is given as a value, or, for
     parametric families (timm, an MLP of any depth), as a function of the built model.
     ``blocks=()`` (the default) takes the generic fallback of :func:`harness.base.meta.model_meta`.
+    ``memory_format``: the faster memory format of its forward+backward, measured once on the
+    machines it is known to run on (``"contiguous"`` | ``"channels_last"``; ``""``: not
+    declared, ``memory_format=auto`` then measures it at the start of a run).
     """
 
     blocks: Names | Callable[[nn.Module], Names] = ()
     members: Members | Callable[[nn.Module], Members] = field(default_factory=dict)
     gradcam_layer: str | Callable[[nn.Module], str] = ""
+    memory_format: str = ""
 
     def __post_init__(self) -> None:
         if not callable(self.blocks):
@@ -133,6 +137,9 @@ def check_model_facts(name: str, fn: Callable, facts: ModelFacts) -> None:
     if not callable(facts.gradcam_layer) and not isinstance(facts.gradcam_layer, str):
         raise RegistrationError(f"model {name!r}: gradcam_layer must be a module name or a "
                                 f"function of the model, got {facts.gradcam_layer!r}")
+    if facts.memory_format not in ("", "contiguous", "channels_last"):
+        raise RegistrationError(f"model {name!r}: memory_format must be contiguous or "
+                                f"channels_last, got {facts.memory_format!r}")
     if not callable(facts.blocks) and not callable(facts.members):
         stray = sorted(set(facts.members) - set(facts.blocks))
         if stray:
