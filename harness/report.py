@@ -65,6 +65,10 @@ def run_body(run_dir: Path, level: int = 1) -> str:
     parts += [f"<{h}>Figures</{h}>", figures_html(run_dir / FIGURES)]
     if record.get("trained"):
         parts += [f"<{h}>Trained models</{h}>", records_html(record["trained"])]
+    if record.get("coverage"):
+        parts += [f"<{h}>Parameter coverage</{h}>", coverage_html(record)]
+    if record.get("execution") or record.get("peak_rss_bytes"):
+        parts += [f"<{h}>Execution</{h}>", execution_html(record)]
     parts += [f"<{h}>Warnings</{h}>", warnings_html(run_dir / "cli.log")]
     if record.get("timings"):
         parts += [f"<{h}>Timings (s)</{h}>",
@@ -75,6 +79,35 @@ def run_body(run_dir: Path, level: int = 1) -> str:
     parts += [f"<{h}>Config</{h}>", pre(json.dumps(record.get("config", {}), indent=2)),
               f"<p>{html.escape(where)}</p>"]
     return "\n".join(parts)
+
+
+def coverage_html(record: dict) -> str:
+    """The randomization checks' coverage audit: the summary line (a warning when a parameter
+    was never randomized), the never-randomized tensors and what each stage changed."""
+    coverage = record["coverage"]
+    lines = [line for line in record.get("summary_lines", []) if "coverage" in line]
+    parts = [f"<p class=\"{'warn' if line.startswith('warning') else ''}\">"
+             f"{html.escape(line)}</p>" for line in lines]
+    never = coverage.get("never_randomized", {})
+    for kind in ("parameters", "buffers"):
+        if never.get(kind):
+            parts.append(f"<p>never randomized {kind}: "
+                         f"{html.escape(', '.join(never[kind]))}</p>")
+    stages = {stage: ", ".join(names) for stage, names in coverage.get("stages", {}).items()}
+    if stages:
+        table = "".join(f"<tr><th>{html.escape(stage)}</th><td style=\"text-align:left\">"
+                        f"{html.escape(names)}</td></tr>" for stage, names in stages.items())
+        parts.append(f"<details><summary>tensors changed per stage</summary><table>{table}"
+                     "</table></details>")
+    return "\n".join(parts)
+
+
+def execution_html(record: dict) -> str:
+    """Memory format, precision and rows per pass as chosen for the run, and its peak memory."""
+    execution = dict(record.get("execution") or {})
+    if record.get("peak_rss_bytes"):
+        execution["peak resident memory (MB)"] = round(record["peak_rss_bytes"] / 2**20)
+    return records_html({"execution": {k: str(v) for k, v in execution.items()}})
 
 
 def sweep_body(sweep_dir: Path) -> str:

@@ -142,7 +142,8 @@ def test_run_report_in_a_headless_browser(run_dir, browser, tmp_path):
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = page.read_text()
     for said in ("Selected", "Summary", "Figures", "Warnings", "Timings", "Config",
-                 "first &lt; 0.5", "tiny_cnn"):
+                 "first &lt; 0.5", "tiny_cnn", "Parameter coverage", "parameter tensors randomized",
+                 "Execution", "peak resident memory", "bootstrap interval"):
         assert said in text, said
     assert "<script" not in text and "http" not in text.split("</style>")[1].split(
         "<h2>Config")[0]  # nothing to fetch
