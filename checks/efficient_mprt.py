@@ -49,7 +49,10 @@ ENTROPY = "entropy"  # explain_all's extra reduction: the map's histogram entrop
 
 def summary(rows) -> str:
     """Mean complexity rise per method and the rise of the output's entropy."""
-    return measurement_summary(rows[rows["stage_index"] == 1], RISE_METRICS)
+    last = rows[rows["stage_index"] == 1]
+    # the output's entropy rise describes the model on each input, not a method
+    last = last.assign(method=last["method"].replace("", "(model output)"))
+    return measurement_summary(last, RISE_METRICS)
 
 
 @CHECKS.register(title="Efficient MPRT (complexity rise)", columns=COLUMNS, summary=summary,
