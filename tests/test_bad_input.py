@@ -121,3 +121,17 @@ def test_a_failing_command_line_loads_no_heavy_library():
                             cwd=ROOT, check=True, timeout=120).stdout.strip()
     assert loaded == "[]", loaded
 
+
+
+def test_more_inputs_than_the_data_holds_warns_in_one_line_and_records_what_was_used(tmp_path):
+    """``dataset.n`` above what the dataset has: the run goes on with what there is, says so in
+    one warning line (also in run.json's warnings) and records the number actually used."""
+    from harness.api import evaluate
+
+    rows = evaluate("tiny_cnn", "digits", methods=["gradient"], metrics=["ssim"],
+                    run_dir=tmp_path, dataset_n=100000, dataset_split="test",
+                    model_weights="random", n_maps=0, figures=False, progress=False)
+    record = json.loads((tmp_path / "run.json").read_text())
+    said = [w for w in record["warnings"] if "dataset.n=100000" in w]
+    assert said == ["dataset.n=100000 but digits has 500 inputs: using 500"], record["warnings"]
+    assert record["inputs"] == 500 and rows["sample"].nunique() == 500
