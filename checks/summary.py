@@ -67,10 +67,10 @@ def similarity_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cell(r) -> str:
-    """ "0.981 [0.95, 1.00]", with "~" when not distinguishable from the control."""
+    """ "0.981 [0.95,1.00]", with "~" when not distinguishable from the control."""
     if r.mean != r.mean:
         return "nan"
-    band = f" [{r.low:.2f}, {r.high:.2f}]" if r.low == r.low else ""
+    band = f" [{r.low:.2f},{r.high:.2f}]" if r.low == r.low else ""
     flag = r.distinguishable
     mark = "~" if flag is not pd.NA and flag == flag and not flag else ""  # NaN: no control
     return f"{r.mean:.3f}{band}{mark}"

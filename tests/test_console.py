@@ -57,7 +57,7 @@ def test_summary_names_every_stage_and_the_first_below_half():
     assert text[2].split() == ["method", "metric", "0", "1", "2", "3", "first", "<", "0.5"]
 
     def cells(means):  # two samples at mean -/+ 0.01: the bootstrap interval is their range
-        return [w for v in means for w in (f"{v:.3f}", f"[{v - 0.01:.2f},", f"{v + 0.01:.2f}]")]
+        return [w for v in means for w in (f"{v:.3f}", f"[{v - 0.01:.2f},{v + 0.01:.2f}]")]
 
     assert text[3].split() == ["gradient", "ssim", *cells([1.0, 0.7, 0.4, 0.6]), "2", "conv2"]
     assert text[4].split() == ["gradient", "spearman", *cells([1.0, 0.45, 0.3, 0.2]), "1", "fc"]

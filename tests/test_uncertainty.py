@@ -104,7 +104,7 @@ def test_summary_text_and_table_give_intervals_and_the_control_flag():
     assert table.loc[("gradient", "ssim"), "~random from"] == "2 conv1"
     assert table.loc[("sobel", "ssim"), "~random from"] == "never"
     assert table.loc[("gradient", "ssim"), "2"].endswith("~")
-    assert table.loc[("sobel", "ssim"), "2"] == "1.000 [1.00, 1.00]"
+    assert table.loc[("sobel", "ssim"), "2"] == "1.000 [1.00,1.00]"
     without = similarity_summary(rows[rows.method != "random_uniform"])
     assert "add random_uniform to method=" in without and "~random from" not in without
     summary = summary_table(rows, seed=0)
