@@ -130,6 +130,8 @@ def sweep_similarity_figures(rows: pd.DataFrame, settings: dict[str, str]
     per_seed = rows.groupby(keys, sort=False, observed=True)["value"].mean().reset_index()
     per_seed = per_seed.rename(columns={"seed": "sample"})  # the unit the band is over
     for check, own in per_seed.groupby("check", sort=False):
+        if own["sample"].nunique() < 2 and own["setting"].nunique() < 2:
+            continue  # one job of this check (the sweep varied another check): its own figures
         title = CHECKS.facts(check).title if check in CHECKS else str(check)
         if own["setting"].nunique() == 1:
             table = curve_table(own.drop(columns=["check", "setting"]), seed=0)

@@ -157,3 +157,9 @@ def test_sweep_figures_draw_seeds_as_bands_and_settings_as_panels(tmp_path):
     assert list(only_seeds) == ["cascading_similarity_seeds"]
     assert list(sweep_similarity_figures(rows[rows.seed == 0].assign(run_id="r0"),
                                          {"r0": ""})) == []  # one job: nothing to draw together
+    # a sweep over checks (binder2023): each check has one job, nothing to draw together
+    other = rows[(rows.seed == 0) & (rows.run_id == "r0")].assign(check="deletion_insertion",
+                                                                   run_id="r1")
+    two_checks = pd.concat([rows[(rows.seed == 0) & (rows.run_id == "r0")], other])
+    assert list(sweep_similarity_figures(two_checks, {"r0": "check=cascading",
+                                                      "r1": "check=deletion_insertion"})) == []
