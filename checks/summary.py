@@ -11,6 +11,8 @@ from methods import METHODS
 from metrics import METRICS
 
 DROP_BELOW = 0.5  # "where does it drop?": the first stage whose mean similarity is below this
+# the fewest samples with which a two-sided signed-rank test can reach p < 0.05 (2 / 2^6)
+MIN_TESTABLE = 6
 
 
 def similarity_summary(rows: pd.DataFrame) -> str:
@@ -25,12 +27,14 @@ def similarity_summary(rows: pd.DataFrame) -> str:
         return ""
     stages = ", ".join(table.attrs["stages"])
     text = table.to_string(index=False)
-    legend = (f"mean [95% bootstrap interval] over samples; ~: not distinguishable from "
-              f"{CONTROL} (paired Wilcoxon p >= {ALPHA})" if table.attrs["control"] else
-              f"mean [95% bootstrap interval] over samples; add {CONTROL} to method= to test "
-              "each stage against the random control")
-    if table.attrs["control"] and table.attrs["min_n"] < 6:
-        legend += f"; with n = {table.attrs['min_n']} inputs no stage can reach p < {ALPHA}"
+    legend = "mean [95% bootstrap interval] over samples; "
+    if table.attrs["control"]:
+        legend += f"~: not distinguishable from {CONTROL} (paired Wilcoxon p >= {ALPHA})"
+    elif table.attrs["testable"]:
+        legend += f"add {CONTROL} to method= to test each stage against the random control"
+    else:  # a mark on every cell would say nothing
+        legend += (f"with n = {table.attrs['max_n']} inputs no stage can be told from "
+                   f"{CONTROL} (p < {ALPHA} needs 6 or more: dataset.n)")
     return f"similarity per stage ({stages}):\n{legend}\n{text}"
 
 
@@ -44,6 +48,10 @@ def similarity_table(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     seed = int(rows["seed"].iloc[0]) if "seed" in rows else 0
     stats = summary_table(rows.drop(columns=["check"], errors="ignore"), seed)
+    # a group of fewer samples cannot reach p < ALPHA: it gets no flag (rather than "~")
+    few = stats["n"] < MIN_TESTABLE
+    stats["distinguishable"] = stats["distinguishable"].astype("boolean").mask(few, pd.NA)
+    testable = bool((~few).any())
     names = stats.groupby("stage_index", sort=True)["stage"].first()
     stats["cell"] = [_cell(r) for r in stats.itertuples()]
     cells = stats.pivot(index=["method", "metric"], columns="stage_index", values="cell")
@@ -62,7 +70,8 @@ def similarity_table(rows: pd.DataFrame) -> pd.DataFrame:
                                  for _, line in flags.iterrows()]
     table.attrs["stages"] = [f"{i} {name}" for i, name in names.items()]
     table.attrs["control"] = bool(control)
-    table.attrs["min_n"] = int(stats["n"].min())
+    table.attrs["testable"] = testable
+    table.attrs["max_n"] = int(stats["n"].max())
     return table
 
 

@@ -53,7 +53,8 @@ def test_summary_names_every_stage_and_the_first_below_half():
                          for s in (0, 1)])
     text = similarity_summary(rows).splitlines()
     assert text[0] == "similarity per stage (0 original, 1 fc, 2 conv2, 3 conv1):"
-    assert text[1].startswith("mean [95% bootstrap interval] over samples; add random_uniform")
+    assert text[1] == ("mean [95% bootstrap interval] over samples; with n = 2 inputs no stage "
+                       "can be told from random_uniform (p < 0.05 needs 6 or more: dataset.n)")
     assert text[2].split() == ["method", "metric", "0", "1", "2", "3", "first", "<", "0.5"]
 
     def cells(means):  # two samples at mean -/+ 0.01: the bootstrap interval is their range

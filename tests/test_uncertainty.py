@@ -107,6 +107,9 @@ def test_summary_text_and_table_give_intervals_and_the_control_flag():
     assert table.loc[("sobel", "ssim"), "2"] == "1.000 [1.00,1.00]"
     without = similarity_summary(rows[rows.method != "random_uniform"])
     assert "add random_uniform to method=" in without and "~random from" not in without
+    few = similarity_summary(rows[rows["sample"] < 4])  # 4 inputs: no test can reach p < 0.05
+    assert "with n = 4 inputs no stage can be told from random_uniform" in few
+    assert "~" not in few.split("\n", 2)[2]  # no marks, no "~random from" column
     summary = summary_table(rows, seed=0)
     assert {"mean", "low", "high", "n", "p_vs_control", "distinguishable", "level"} <= set(summary)
 
