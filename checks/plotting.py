@@ -209,6 +209,20 @@ def _draw_metric(ax, table: pd.DataFrame, stages: pd.DataFrame) -> None:
     ax.grid(alpha=0.3, linewidth=0.5)
 
 
+def draw_method_bars(ax, table: pd.DataFrame, methods: list[str]) -> None:
+    """One bar per method (in ``methods`` order, its colour): the mean of a :func:`curve_table`
+    with its interval as error bars; a method without a value is an empty slot."""
+    bars = pd.DataFrame({"method": methods}).merge(table, how="left")  # NaN: method not scored
+    x = np.arange(len(methods))
+    mean = bars["mean"].to_numpy(float)
+    error = np.vstack([mean - bars["low"].to_numpy(float), bars["high"].to_numpy(float) - mean])
+    ax.bar(x, np.nan_to_num(mean), color=[method_style(m)["color"] for m in methods],
+           yerr=np.where(np.isfinite(error), error, 0.0), capsize=2, error_kw={"linewidth": 0.8})
+    ax.set_xticks(x, labels=methods, rotation=45, ha="right", rotation_mode="anchor")
+    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", zorder=0)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+
+
 def similarity_range(table: pd.DataFrame) -> tuple[float, float]:
     """[-1, 1] (the range of every similarity metric), widened only if a mean leaves it.
 

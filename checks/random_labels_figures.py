@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from checks.plotting import (
     GridLayout,
     curve_table,
+    draw_method_bars,
     method_order,
-    method_style,
     metric_title,
     ordered,
     paper_style,
@@ -73,17 +73,9 @@ def random_label_bars(rows: pd.DataFrame, title: str = "") -> Figure:
 
 
 def _draw_bars(ax, table: pd.DataFrame, methods: list[str]) -> None:
-    bars = pd.DataFrame({"method": methods}).merge(table, how="left")  # NaN: method not scored
-    x = np.arange(len(methods))
-    mean = bars["mean"].to_numpy(float)
-    error = np.vstack([mean - bars["low"].to_numpy(float), bars["high"].to_numpy(float) - mean])
-    ax.bar(x, np.nan_to_num(mean), color=[method_style(m)["color"] for m in methods],
-           yerr=np.where(np.isfinite(error), error, 0.0), capsize=2, error_kw={"linewidth": 0.8})
-    ax.set_xticks(x, labels=methods, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_ylim(*similarity_range(table))
+    draw_method_bars(ax, table, methods)
+    ax.set_ylim(*similarity_range(table))  # a similarity: the [-1, 1] frame of Figure 4
     ax.set_yticks([-1.0, -0.5, 0.0, 0.5, 1.0])
-    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", zorder=0)
-    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
 
 
 def accuracy_caption(rows: pd.DataFrame) -> str:

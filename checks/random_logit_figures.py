@@ -8,14 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from checks.plotting import (
     curve_table,
+    draw_method_bars,
     method_order,
-    method_style,
     metric_title,
     ordered,
     paper_style,
@@ -36,7 +35,7 @@ def bar_figure(data: FigureData) -> Iterator[tuple[str, Figure]]:
 def method_bars(rows: pd.DataFrame, ylabel: str, title: str = "",
                 ylim: tuple[float, float] | None = None) -> Figure:
     """One panel per metric of ``rows``, one bar per method: the mean over samples with its
-    95 % Student t-interval (:func:`checks.plotting.curve_table`). ``ylim`` None: the
+    95 % bootstrap interval (:func:`checks.plotting.curve_table`). ``ylim`` None: the
     similarity range [-1, 1], widened if a mean leaves it."""
     table = curve_table(rows)
     metrics = ordered(table["metric"].unique(), list(METRICS))
@@ -49,7 +48,7 @@ def method_bars(rows: pd.DataFrame, ylabel: str, title: str = "",
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, metric in zip(axes, metrics):
             part = table[table["metric"] == metric]
-            _draw_bars(ax, part, methods)
+            draw_method_bars(ax, part, methods)
             ax.set_ylim(*(ylim or similarity_range(part)))
             ax.set_title(metric_title(metric))
         for ax in axes[len(metrics):]:
@@ -59,15 +58,3 @@ def method_bars(rows: pd.DataFrame, ylabel: str, title: str = "",
         if title:
             fig.suptitle(title)
     return fig
-
-
-def _draw_bars(ax, table: pd.DataFrame, methods: list[str]) -> None:
-    bars = pd.DataFrame({"method": methods}).merge(table, how="left")  # NaN: method not scored
-    x = np.arange(len(methods))
-    mean = bars["mean"].to_numpy(float)
-    error = np.vstack([mean - bars["low"].to_numpy(float), bars["high"].to_numpy(float) - mean])
-    ax.bar(x, np.nan_to_num(mean), color=[method_style(m)["color"] for m in methods],
-           yerr=np.where(np.isfinite(error), error, 0.0), capsize=2, error_kw={"linewidth": 0.8})
-    ax.set_xticks(x, labels=methods, rotation=45, ha="right", rotation_mode="anchor")
-    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", zorder=0)
-    ax.grid(axis="y", alpha=0.3, linewidth=0.5)

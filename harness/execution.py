@@ -69,16 +69,24 @@ def memory_bytes(value) -> int | None:
     return amount
 
 
-def available_memory() -> int:
-    """Bytes the machine can still give (``MemAvailable`` of /proc/meminfo; psutil elsewhere;
-    else the physical memory)."""
+def _proc_kilobytes(path: str, field: str) -> int | None:
+    """Bytes of a "<field> <n> kB" line of a Linux /proc file; None elsewhere."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def available_memory() -> int:
+    """Bytes the machine can still give (``MemAvailable`` of /proc/meminfo; psutil elsewhere;
+    else the physical memory)."""
+    available = _proc_kilobytes("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        return available
     try:
         import psutil
 
@@ -92,13 +100,9 @@ def peak_rss_bytes() -> int:
     (the high-water mark of its own address space; ``getrusage``'s ``ru_maxrss`` is carried
     over ``exec`` from a forked parent, a launcher's or pytest's peak), else ``ru_maxrss``
     (KB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kilobytes("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -4,7 +4,6 @@
 histogram entropy of the same maps, the off-class similarity with the same off class."""
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import numpy as np
