@@ -37,6 +37,7 @@ from checks.smoothing import Smoothing, smoothed
 from harness.base.context import CheckContext, MapRecord, RunNote
 from harness.base.coverage import CoverageAudit
 from harness.base.randomize import ordered, randomize_, restore_, restored, stage_seed, stages
+from methods.prefix import reused_prefix
 
 TARGETS = ("fixed", "argmax")
 Order = Literal["top_down", "bottom_up"]
@@ -52,6 +53,15 @@ FIGURES = (similarity_figure, grid_figures)  # Figures 4 and 2 of the paper
 HEADLINE = ("ssim", "spearman_abs", "spearman", "hog")
 
 
+FALLBACK_LIMIT = 2 * 2**30  # a context built by hand, without the runner's memory_limit
+
+
+def prefix_budget(memory_limit: int | None) -> int:
+    """Bytes of recorded activations a check may keep: half the run's ``memory_limit`` (the
+    runner resolves it: given, or half the available memory)."""
+    return (memory_limit or FALLBACK_LIMIT) // 2
+
+
 def validate_smoothing(settings: dict) -> None:
     """The ``smooth`` setting, checked when the run is planned (before any model loads)."""
     Smoothing.of(settings.get("smooth"))
@@ -61,20 +71,22 @@ def validate_smoothing(settings: dict) -> None:
                  headline=HEADLINE, validate=validate_smoothing)
 def cascading(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
               init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
-              smooth: Mapping = NO_SMOOTHING, **_) -> Iterator[dict | MapRecord]:
+              smooth: Mapping = NO_SMOOTHING, reuse_prefix: bool = True,
+              **_) -> Iterator[dict | MapRecord]:
     """Cascading randomization: stage k has the first k stages (in ``order``) randomized."""
     yield from _randomization_test(ctx, "cascading", True, order, granularity, init, target,
-                                   batchnorm_stats, smooth)
+                                   batchnorm_stats, smooth, reuse_prefix)
 
 
 @CHECKS.register(title="Independent randomization", columns=COLUMNS, figures=FIGURES,
                  headline=HEADLINE, validate=validate_smoothing)
 def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granularity = "block",
                 init: Init = "default", target: Target = "fixed", batchnorm_stats: bool = False,
-                smooth: Mapping = NO_SMOOTHING, **_) -> Iterator[dict | MapRecord]:
+                smooth: Mapping = NO_SMOOTHING, reuse_prefix: bool = True,
+                **_) -> Iterator[dict | MapRecord]:
     """Independent randomization: stage k has only the k-th stage (in ``order``) randomized."""
     yield from _randomization_test(ctx, "independent", False, order, granularity, init, target,
-                                   batchnorm_stats, smooth)
+                                   batchnorm_stats, smooth, reuse_prefix)
 
 
 @CHECKS.register(title="Smooth MPRT (cascading, noisy-copy means)", columns=COLUMNS,
@@ -82,18 +94,19 @@ def independent(ctx: CheckContext, order: Order = "top_down", granularity: Granu
 def smooth_mprt(ctx: CheckContext, order: Order = "bottom_up",
                 granularity: Granularity = "block", init: Init = "default",
                 target: Target = "fixed", batchnorm_stats: bool = False,
-                smooth: Mapping = SMOOTH_MPRT, **_) -> Iterator[dict | MapRecord]:
+                smooth: Mapping = SMOOTH_MPRT, reuse_prefix: bool = True,
+                **_) -> Iterator[dict | MapRecord]:
     """Smooth MPRT (Hedström et al. 2024, arXiv 2401.06465): the cascade with every map, of
     the original and of each randomized model, the mean of the method's maps of ``smooth.n``
     copies of the input x (N, C, H, W), one clean and n - 1 with N(0, sigma^2) noise, sigma =
     ``smooth.noise_magnitude`` * (max x - min x) per sample; bottom-up by default."""
     yield from _randomization_test(ctx, "smooth_mprt", True, order, granularity, init, target,
-                                   batchnorm_stats, smooth)
+                                   batchnorm_stats, smooth, reuse_prefix)
 
 
 def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: str,
                         granularity: str, init: str, target: str, batchnorm_stats: bool,
-                        smooth: Mapping | None = None
+                        smooth: Mapping | None = None, reuse_prefix: bool = True
                         ) -> Iterator[dict | MapRecord | RunNote]:
     if target not in TARGETS:
         raise ValueError(f"check.target must be fixed or argmax, got {target!r}")
@@ -102,7 +115,11 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
     knobs = {"check": check, "order": order, "granularity": granularity, "init": init,
              "target_policy": target, **smoothing.columns()}
     ctx = replace(ctx, methods=smoothed(ctx.methods, smoothing, ctx.seed))
-    with restored(ctx.model) as saved:
+    # the unchanged part of every stage's forward pass is the original one: recorded once and
+    # reused, unless every stage changes the input's first layer (bottom-up cascade)
+    reuse = reuse_prefix and not (cumulative and order == "bottom_up")
+    with restored(ctx.model) as saved, reused_prefix(
+            ctx.model, prefix_budget(ctx.memory_limit), enabled=reuse) as reusing:
         audit = CoverageAudit.of(ctx.model, saved)
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
         # a resumed run explains the original model only for methods with a unit left to do
@@ -128,4 +145,7 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
                 ctx.model, ctx.data.inputs, ctx.batch_size)
             yield from score_stage(todo[index], references, knobs, name, index, stage_target,
                                     with_maps=True)
+        reused = (reusing.stats.record() if reusing is not None
+                  else "untraceable" if reuse else "off")
     yield RunNote("coverage", audit.record(), audit.summary_line(batchnorm_stats))
+    yield RunNote("prefix_reuse", reused)

@@ -226,6 +226,7 @@ def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
                        metrics=built.metrics, seed=plan.seed, batch_size=plan.batch_size,
                        internal_batch_size=built.execution.internal_batch_size,
                        n_maps=plan.n_maps, progress=plan.progress, train=built.trainer,
+                       memory_limit=plan.memory_limit or available_memory() // 2,
                        finished=partial(store.finished, plan.check))
     print(f"[sanity] {plan.model_label} on {built.data.source}: {len(built.data.samples)} "
           f"inputs, {len(ctx.methods)} methods, check {plan.check}, device {built.device}")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods.prefix import active_cache
+
 ForwardHook = Callable[[nn.Module, tuple, Tensor], None]
 _SHARED: ContextVar[dict | None] = ContextVar("shared_pieces", default=None)
 
@@ -72,6 +74,11 @@ def logit_gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     A detached leaf copy of ``x`` takes the gradient, so the caller's ``x`` (and its ``.grad``)
     is never touched; ``autograd.grad`` w.r.t. that leaf only leaves parameter ``.grad`` alone.
     """
+    cache = active_cache(model)  # a randomization check's recorded prefix (methods.prefix)
+    if cache is not None:
+        grad = cache.gradient(x, lambda logits: target_logits(logits, target).sum())
+        if grad is not None:
+            return grad
     leaf = x.detach().requires_grad_(True)
     with torch.enable_grad():  # the caller may be inside torch.no_grad()
         score = target_logits(model(leaf), target).sum()  # rows are independent: sum = per row

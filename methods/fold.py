@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 
-class _ConvBatchNormTracer(fx.Tracer):
+class ConvBatchNormTracer(fx.Tracer):
     """Keeps convolutions and BatchNorms (also subclasses such as timm's) as graph nodes."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
@@ -45,18 +45,24 @@ def _after_normalization(bn: nn.BatchNorm2d) -> nn.Module | None:
 def folded_convolution(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A copy of ``conv`` that also applies the eval-mode ``bn`` after it."""
     merged = copy.deepcopy(conv)
-    with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        bias = -bn.running_mean * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias
-        merged.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
-        merged.bias = nn.Parameter(bias, requires_grad=False)
+    weight, bias = merged_weights(conv, bn)
+    merged.weight = nn.Parameter(weight, requires_grad=False)
+    merged.bias = nn.Parameter(bias, requires_grad=False)
     return merged
+
+
+@torch.no_grad()
+def merged_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (O, I/g, kh, kw) and bias (O,) of ``conv`` followed by the eval-mode ``bn``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
 
 
 def _conv_subclasses() -> tuple[type, ...]:
@@ -90,12 +96,26 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if not any(isinstance(m, nn.BatchNorm2d) and not m.training for m in model.modules()):
         return model
     try:
-        graph = _ConvBatchNormTracer().trace(model)
+        graph = ConvBatchNormTracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means "use the model as it is"
         return model
     folded = fx.GraphModule(model, graph)  # new containers; the leaves are model's modules
+    if not fold_graph_module(folded):
+        return model
+    return folded.train(model.training)
+
+
+Fold = tuple[str, nn.Conv2d, nn.BatchNorm2d]  # target of the merged conv, the pair it came from
+
+
+def fold_graph_module(folded: fx.GraphModule) -> list[Fold]:
+    """Merge, in place in ``folded`` (a GraphModule of a model, sharing its leaves), every
+    foldable BatchNorm into the convolution before it. Returns the merged pairs
+    ``(conv target, conv, bn)`` with the model's own conv and bn modules, so that
+    :func:`refold` can redo the merge after their weights changed."""
+    graph = folded.graph
     modules = dict(folded.named_modules())
-    count = 0
+    pairs: list[Fold] = []
     for node in list(graph.nodes):
         if not _foldable(node, modules):
             continue
@@ -104,20 +124,29 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         except TypeError:
             continue
         source = node.args[0]
-        _replace_submodule(folded, source.target,
-                           folded_convolution(modules[source.target], modules[node.target]))
+        conv, bn = modules[source.target], modules[node.target]
+        _replace_submodule(folded, source.target, folded_convolution(conv, bn))
+        pairs.append((source.target, conv, bn))
         if rest is None:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
         else:
             _replace_submodule(folded, node.target, rest)
-        count += 1
-    if count == 0:
-        return model
-    graph.lint()
-    folded.delete_all_unused_submodules()
-    folded.recompile()
-    return folded.train(model.training)
+    if pairs:
+        graph.lint()
+        folded.delete_all_unused_submodules()
+        folded.recompile()
+    return pairs
+
+
+@torch.no_grad()
+def refold(folded: fx.GraphModule, pairs: list[Fold]) -> None:
+    """The merged convolutions of ``folded`` computed again from their pairs' current weights
+    (in place: the same arithmetic as the first merge, so unchanged pairs get the same bits)."""
+    for target, conv, bn in pairs:
+        merged, (weight, bias) = folded.get_submodule(target), merged_weights(conv, bn)
+        merged.weight.copy_(weight)
+        merged.bias.copy_(bias)
 
 
 def _replace_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

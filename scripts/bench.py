@@ -108,7 +108,9 @@ def bench_cascading(n: int = 8, repeat: int = 3) -> None:
             METHODS["gradient"](model, data.inputs, target, internal_batch_size=n)
         return (time.perf_counter() - tic) / stages
 
-    def check(memory_format: str, precision: str) -> tuple[float, float]:
+    means: dict[tuple, dict] = {}  # setting -> (metric, stage) -> mean over the photos
+
+    def check(memory_format: str, precision: str, reuse: bool = True) -> tuple[float, float]:
         method = BoundMethod("gradient", METHODS["gradient"], {"internal_batch_size": n},
                              precision)
         inputs = to_format(models[memory_format], data.inputs, memory_format)[1]
@@ -116,31 +118,46 @@ def bench_cascading(n: int = 8, repeat: int = 3) -> None:
                            methods={"gradient": method},
                            metrics=[MetricSpec(k, METRICS[k], v) for k, v in FOUR.items()],
                            batch_size=n, progress=False)
+        rows = []
         tic = time.perf_counter()
-        items = CHECKS["cascading"](ctx)
+        items = CHECKS["cascading"](ctx, reuse_prefix=reuse)
         next(items)  # the first reference map: the setup is done
         setup_end = time.perf_counter()
-        for _ in items:
-            pass
-        return setup_end - tic, (time.perf_counter() - setup_end) / stages
+        for item in items:
+            if isinstance(item, dict):
+                rows.append(item)
+        seconds = (time.perf_counter() - setup_end) / stages
+        sums: dict = {}
+        for row in rows:
+            total, count = sums.get((row["metric"], row["stage_index"]), (0.0, 0))
+            sums[(row["metric"], row["stage_index"])] = (total + row["value"], count + 1)
+        means[(memory_format, precision, reuse)] = {k: t / c for k, (t, c) in sums.items()}
+        return setup_end - tic, seconds
 
-    for setting in SETTINGS:
+    settings = [(*setting, True) for setting in SETTINGS] + [("contiguous", "fp32", False),
+                                                             ("channels_last", "fp32", False)]
+    for setting in settings:
         check(*setting)  # warm-up
-    floors, per_stage = [], {setting: [] for setting in SETTINGS}
+    floors, per_stage = [], {setting: [] for setting in settings}
     for _ in range(repeat):
         floors.append(floor_passes())
-        for setting in SETTINGS:
+        for setting in settings:
             per_stage[setting].append(check(*setting)[1])
     print(f"(a) cascading, efficientnet_lite0, {n} photos, gradient, 4 metrics, "
           f"{stages} stages per check, medians of {repeat} alternating rounds, load average "
           f"{load_average()}")
     print(f"    floor (eager contiguous fp32 forward+backward): "
           f"{statistics.median(floors) * 1e3:8.1f} ms")
+    reference = means[("contiguous", "fp32", False)]
     for setting, times in per_stage.items():
         ratios = [t / f for f, t in zip(floors, times)]
-        print(f"    {setting[0]:>13} {setting[1]}: {statistics.median(times) * 1e3:8.1f} ms per "
-              f"stage, {statistics.median(ratios):5.2f} x the floor (rounds "
-              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+        moved = max(abs(v - reference[k]) for k, v in means[setting].items()
+                    if v == v and reference[k] == reference[k])
+        label = f"{setting[0]} {setting[1]}" + ("" if setting[2] else ", reuse_prefix=false")
+        print(f"    {label:>38}: {statistics.median(times) * 1e3:6.1f} ms per stage, "
+              f"{statistics.median(ratios):4.2f} x the floor (rounds "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}); summary values within {moved:.4f} "
+              "of contiguous fp32 without reuse")
     print(f"    peak resident memory of the process: {peak_rss_bytes() / 2**20:.0f} MB")
 
 

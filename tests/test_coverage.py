@@ -60,7 +60,7 @@ def torchvision_vit() -> nn.Module:
 
 def coverage_of(items) -> RunNote:
     notes = [item for item in items if isinstance(item, RunNote)]
-    assert [n.key for n in notes] == ["coverage"]
+    assert [n.key for n in notes] == ["coverage", "prefix_reuse"]
     return notes[0]
 
 

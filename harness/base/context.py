@@ -54,6 +54,9 @@ class CheckContext:
     internal_batch_size: int = 16  # rows per forward pass of a check's own batches (perturbed images)
     n_maps: int = 4  # maps of the first n_maps samples are yielded for figures
     progress: bool = True
+    # bytes the run may use (``memory_limit``, resolved by the runner): a check keeps reusable
+    # activations (methods.prefix) under half of it
+    memory_limit: int | None = None
     # labels ("true" | "random") -> the run's architecture trained on them (cached checkpoints);
     # filled by the runner for checks that train (``trains_models``), else None
     train: Callable[[str], TrainedModel] | None = None
