@@ -116,10 +116,12 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
              "target_policy": target, **smoothing.columns()}
     ctx = replace(ctx, methods=smoothed(ctx.methods, smoothing, ctx.seed))
     # the unchanged part of every stage's forward pass is the original one: recorded once and
-    # reused, unless every stage changes the input's first layer (bottom-up cascade)
-    reuse = reuse_prefix and not (cumulative and order == "bottom_up")
+    # reused, unless every stage changes the input's first layer (a bottom-up cascade, whose
+    # passes still run through the trace with its BatchNorms folded)
+    record = not (cumulative and order == "bottom_up")
     with restored(ctx.model) as saved, reused_prefix(
-            ctx.model, prefix_budget(ctx.memory_limit), enabled=reuse) as reusing:
+            ctx.model, prefix_budget(ctx.memory_limit), enabled=reuse_prefix,
+            record=record) as reusing:
         audit = CoverageAudit.of(ctx.model, saved)
         explained = predict(ctx.model, ctx.data.inputs, ctx.batch_size)
         # a resumed run explains the original model only for methods with a unit left to do
@@ -146,6 +148,6 @@ def _randomization_test(ctx: CheckContext, check: str, cumulative: bool, order: 
             yield from score_stage(todo[index], references, knobs, name, index, stage_target,
                                     with_maps=True)
         reused = (reusing.stats.record() if reusing is not None
-                  else "untraceable" if reuse else "off")
+                  else "untraceable" if reuse_prefix else "off")
     yield RunNote("coverage", audit.record(), audit.summary_line(batchnorm_stats))
     yield RunNote("prefix_reuse", reused)

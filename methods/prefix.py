@@ -46,14 +46,16 @@ _ACTIVE: ContextVar[PrefixCache | None] = ContextVar("reused_prefix", default=No
 
 @contextmanager
 def reused_prefix(model: nn.Module, budget_bytes: int, enabled: bool = True,
-                  fold: bool = True) -> Iterator[PrefixCache | None]:
+                  fold: bool = True, record: bool = True) -> Iterator[PrefixCache | None]:
     """Inside the block, input gradients of ``model`` reuse its unchanged prefix (module doc).
 
     ``budget_bytes`` bounds the recorded activations; the cache is freed on exit. ``fold``:
-    the trace has its BatchNorms merged into their convolutions (:mod:`methods.fold`). Yields
-    the cache, or None when not ``enabled`` or ``model`` cannot be traced (all runs as usual).
+    the trace has its BatchNorms merged into their convolutions (:mod:`methods.fold`).
+    ``record=False`` (a bottom-up cascade: nothing below a change to reuse): every pass runs
+    through the trace, for the merged BatchNorms alone. Yields the cache, or None when not
+    ``enabled`` or ``model`` cannot be traced (all runs on the model as given).
     """
-    cache = PrefixCache.of(model, budget_bytes, fold) if enabled else None
+    cache = PrefixCache.of(model, budget_bytes, fold, record) if enabled else None
     token = _ACTIVE.set(cache)
     try:
         yield cache
@@ -91,15 +93,17 @@ class Suffix:
 class Stats:
     recorded: int = 0  # chunks recorded (full pass, graph kept)
     reused: int = 0  # chunks computed from a recording
-    full: int = 0  # chunks left to the full pass
+    full: int = 0  # chunks run as a full pass through the trace
+    declined: int = 0  # chunks run on the model as given (hooks, autocast, training mode)
     nbytes: int = 0  # bytes held by the recordings
     over_budget: bool = False
-    reasons: dict[str, int] = field(default_factory=dict)  # why chunks ran the full pass
+    reasons: dict[str, int] = field(default_factory=dict)  # why chunks were not reused
 
     def record(self) -> dict:
         return {"recorded_chunks": self.recorded, "reused_chunks": self.reused,
-                "full_passes": self.full, "recorded_bytes": self.nbytes,
-                "over_budget": self.over_budget, "full_pass_reasons": dict(self.reasons)}
+                "full_passes": self.full, "passes_on_the_model": self.declined,
+                "recorded_bytes": self.nbytes, "over_budget": self.over_budget,
+                "reasons": dict(self.reasons)}
 
 
 class _Recorder(fx.Interpreter):
@@ -137,8 +141,9 @@ class PrefixCache:
     """Recordings of the original model's passes and the suffix of its current changes."""
 
     def __init__(self, model: nn.Module, live: fx.GraphModule, folds: list[Fold],
-                 budget_bytes: int):
+                 budget_bytes: int, record: bool = True):
         self.model = model
+        self.record = record  # False: no recordings, every pass through the (folded) trace
         # the model's trace on its own modules (merged convolutions refolded when it changes):
         # a suffix runs the current weights
         self.live = live
@@ -156,14 +161,15 @@ class PrefixCache:
         self._suffixes: dict[frozenset[str], Suffix | None] = {}
 
     @classmethod
-    def of(cls, model: nn.Module, budget_bytes: int, fold: bool = True) -> PrefixCache | None:
+    def of(cls, model: nn.Module, budget_bytes: int, fold: bool = True,
+           record: bool = True) -> PrefixCache | None:
         try:
             graph = ConvBatchNormTracer().trace(model)
         except Exception:  # noqa: BLE001 - untraceable (data-dependent control flow...): no reuse
             return None
         live = fx.GraphModule(model, graph)
         folds = fold_graph_module(live) if fold and not model.training else []
-        return cls(model, live, folds, budget_bytes)
+        return cls(model, live, folds, budget_bytes, record)
 
     def clear(self) -> None:
         self.recordings.clear()
@@ -188,27 +194,30 @@ class PrefixCache:
     # --- the input gradient -------------------------------------------------------------------
 
     def gradient(self, x: Tensor, score: Score) -> Tensor | None:
-        """d score(logits) / dx (n, C, H, W) through a recording, or None: run the full pass.
-        ``score``: logits (n, K) -> a scalar whose gradient is wanted (rows independent)."""
+        """d score(logits) / dx (n, C, H, W): through a recording where one applies, else a full
+        pass through the (folded) trace; None when the model must run as given (hooks,
+        autocast, training mode). ``score``: logits (n, K) -> the scalar to differentiate
+        (rows independent)."""
         reason = self._refusal()
         if reason:
-            return self._full(reason)
+            self._count("declined", reason)
+            return None
         changed = self.changed()
         recording = self._find(x)
         if recording is None:
-            if changed:
-                return self._full("not recorded")
-            if self.stats.over_budget:
-                return self._full("over budget")
+            if not self.record or changed or self.stats.over_budget:
+                reason = ("recording off" if not self.record else "not recorded" if changed
+                          else "over budget")
+                return self._full_pass(x, score, reason)
             return self._record(x, score)
         suffix = self._suffix(changed)
         if suffix is None:
-            return self._full("nothing to reuse")
+            return self._full_pass(x, score, "nothing to reuse")
         if any(node.name in recording.mutated for node in suffix.frontier):
-            return self._full("frontier changed in place")
+            return self._full_pass(x, score, "frontier changed in place")
         grad = _suffix_gradient(suffix, recording, score)
         if grad is None:
-            return self._full("frontier holds a container")
+            return self._full_pass(x, score, "frontier holds a container")
         self.stats.reused += 1
         return grad
 
@@ -221,10 +230,19 @@ class PrefixCache:
             return "hooks"
         return ""
 
-    def _full(self, reason: str) -> None:
-        self.stats.full += 1
+    def _count(self, kind: str, reason: str) -> None:
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
         self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
-        return None
+
+    def _full_pass(self, x: Tensor, score: Score, reason: str) -> Tensor:
+        """The whole trace with the current weights (its merged BatchNorms refolded by
+        :meth:`changed`): the same function as every recording, so that the maps of a run
+        come from one computation, whichever path each chunk took."""
+        self._count("full", reason)
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(score(self.live(leaf)), leaf)
+        return grad.detach()
 
     @staticmethod
     def _key(x: Tensor) -> tuple:

@@ -188,7 +188,7 @@ def test_hooks_autocast_and_training_run_the_full_pass():
             model.eval()
         logit_gradient(model, x, target)  # the original model again: reused
     assert cache.stats.reasons == {"hooks": 1, "autocast": 1, "training mode": 1}
-    assert cache.stats.reused == 1
+    assert cache.stats.declined == 3 and cache.stats.reused == 1
 
 
 def test_a_frontier_changed_in_place_runs_the_full_pass():
@@ -222,7 +222,8 @@ def seeded_residual() -> nn.Module:
         return with_random_statistics(Residual().eval())
 
 
-def check_rows(check: str, reuse: bool, **kwargs) -> tuple[list[dict], dict]:
+def check_rows(check: str, reuse: bool, memory_limit: int | None = None,
+               **kwargs) -> tuple[list[dict], dict]:
     model = seeded_residual()
     g = torch.Generator().manual_seed(2)
     data = Dataset(inputs=torch.rand(4, 3, 32, 32, generator=g), labels=torch.arange(4),
@@ -230,7 +231,7 @@ def check_rows(check: str, reuse: bool, **kwargs) -> tuple[list[dict], dict]:
     ctx = CheckContext(model=model, data=data,
                        methods={m: METHODS[m] for m in ("gradient", "integrated_gradients")},
                        metrics=[MetricSpec("spearman", METRICS["spearman"], "signed")],
-                       batch_size=4, n_maps=0, progress=False)
+                       batch_size=4, n_maps=0, progress=False, memory_limit=memory_limit)
     before = copy.deepcopy(model.state_dict())
     rows, notes = [], {}
     for item in CHECKS[check](ctx, reuse_prefix=reuse, granularity="module", **kwargs):
@@ -260,5 +261,22 @@ def test_check_rows_with_and_without_reuse(check):
 
 
 def test_bottom_up_cascade_does_not_record():
-    _, notes = check_rows("cascading", True, order="bottom_up")
-    assert notes["prefix_reuse"] == "off"
+    """Nothing below a change to reuse: every pass runs through the folded trace, and the table
+    is that of the model as given (float32, to 1e-5 as above)."""
+    rows, notes = check_rows("cascading", True, order="bottom_up")
+    plain, _ = check_rows("cascading", False, order="bottom_up")
+    record = notes["prefix_reuse"]
+    assert record["recorded_chunks"] == 0 and record["reused_chunks"] == 0
+    assert record["full_passes"] > 0 and set(record["reasons"]) == {"recording off"}
+    for a, b in zip(rows, plain, strict=True):
+        assert a["value"] == pytest.approx(b["value"], abs=1e-5)
+
+
+def test_stage_zero_scores_one_whichever_path():
+    """Over budget the references come from the recording pass and the stages from full passes
+    through the trace: the same computation, so the re-computed original maps are the
+    reference maps bit for bit (Spearman exactly 1)."""
+    rows, notes = check_rows("cascading", True, memory_limit=2)
+    assert notes["prefix_reuse"]["over_budget"] and notes["prefix_reuse"]["recorded_chunks"] == 0
+    original = [r["value"] for r in rows if r["stage_index"] == 0]
+    assert original and all(v == 1.0 for v in original)
