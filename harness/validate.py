@@ -87,9 +87,12 @@ def _types_of(hint) -> tuple[type, ...]:
 
 def check_choices(label: str, fn, kwargs: dict) -> None:
     """Every setting annotated with ``Literal[...]`` (a check's ``order``, a dataset's ``split``)
-    is one of its choices: ``check.order=sideways`` fails before a model is loaded."""
+    is one of its choices, and one annotated ``bool`` is true or false: ``check.order=sideways``
+    fails before a model is loaded."""
     hints = typing.get_type_hints(fn)
     for key, value in kwargs.items():
+        if hints.get(key) is bool and not isinstance(value, bool):  # check.reuse_prefix=maybe
+            raise ValueError(f"{label}.{key} must be true or false, got {value!r}")
         choices = literal_choices(hints.get(key))
         if choices and value not in choices:
             raise ValueError(f"{label}.{key} must be one of {', '.join(map(str, choices))}, "

@@ -90,7 +90,9 @@ def bench_cascading(n: int = 8, repeat: int = 3) -> None:
     ratios to the floor of the same round, which shares the machine's state of the moment.
     The check runs with its methods bound as the runner binds them (``BoundMethod``: the
     precision's autocast, maps back as contiguous float32) on the model and inputs converted
-    once to the setting's format.
+    once to the setting's format, with its default ``reuse_prefix=true`` (methods/prefix.py),
+    and for both fp32 formats once more without it. Each setting's summary (mean per metric
+    and stage over the photos) is compared with contiguous fp32 without reuse.
     """
     from harness.execution import to_format
     from harness.run import BoundMethod

@@ -60,6 +60,8 @@ CASES = [
     ("unknown order", ["check.order=sideways"],
      "check.order must be one of top_down, bottom_up, got 'sideways'"),
     ("bad smoothing", ["check.smooth.n=-1"], "check.smooth.n must be a whole number >= 0, got -1"),
+    ("not a switch", ["check.reuse_prefix=maybe"],
+     "check.reuse_prefix must be true or false, got 'maybe'"),
     ("unknown split", ["dataset.split=val"], "dataset.split must be one of all, train, test"),
     ("override syntax", ["method=[gradient"], "cannot read 'method=[gradient'"),
 ]
