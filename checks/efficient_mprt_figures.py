@@ -1,6 +1,6 @@
 """Figure of the efficient MPRT (Hedström et al. 2024, arXiv 2401.06465): one bar per method,
 the relative rise of its map's histogram entropy from the original to the fully randomized
-model (mean over samples, 95 % Student t-interval); the rise of the output's entropy in the
+model (mean over samples, 95 % bootstrap interval); the rise of the output's entropy in the
 caption. Higher is better; model-independent maps score 0. No file I/O.
 """
 from __future__ import annotations

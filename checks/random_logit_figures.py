@@ -1,6 +1,6 @@
 """Figures of the random logit test (Sixt et al. 2020, "When Explanations Lie", arXiv
 1912.09818): per metric, one bar per method, the similarity of its map for a random other class
-to its map for the explained class (mean over samples, 95 % Student t-interval). Lower is
+to its map for the explained class (mean over samples, 95 % bootstrap interval). Lower is
 better. :func:`method_bars` also draws the bars of ``efficient_mprt``. No file I/O.
 """
 from __future__ import annotations

@@ -182,12 +182,18 @@ def choose_execution(plan: RunPlan, model: torch.nn.Module, x: torch.Tensor) -> 
                        memory_format_seconds=seconds)
     rows = plan.internal_batch_size
     if rows == "auto":
-        limit = plan.memory_limit or available_memory() // 2
+        limit = memory_limit(plan)
         moved, x = to_format(model, x, memory_format)
         rows, details["internal_batch_size_probe"] = auto_chunk(moved, x, plan.precision, limit)
         print(f"[sanity] internal_batch_size=auto: {rows} rows per forward+backward under "
               f"{limit / 2**20:.0f} MB")
     return Execution(memory_format, plan.precision, int(rows), details)
+
+
+def memory_limit(plan: RunPlan) -> int:
+    """The run's ``memory_limit`` in bytes: given, or half the machine's available memory
+    (``internal_batch_size=auto`` sizes its chunks under it, a check its kept activations)."""
+    return plan.memory_limit or available_memory() // 2
 
 
 def fewer_inputs_than_asked(plan: RunPlan, data: Dataset) -> list[str]:
@@ -226,7 +232,7 @@ def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
                        metrics=built.metrics, seed=plan.seed, batch_size=plan.batch_size,
                        internal_batch_size=built.execution.internal_batch_size,
                        n_maps=plan.n_maps, progress=plan.progress, train=built.trainer,
-                       memory_limit=plan.memory_limit or available_memory() // 2,
+                       memory_limit=memory_limit(plan),
                        finished=partial(store.finished, plan.check))
     print(f"[sanity] {plan.model_label} on {built.data.source}: {len(built.data.samples)} "
           f"inputs, {len(ctx.methods)} methods, check {plan.check}, device {built.device}")
