@@ -33,7 +33,8 @@ test: $(STAMP)
 NUMERIC := tests/test_methods.py tests/test_methods_paths.py tests/test_methods_seed.py \
 	tests/test_metrics.py tests/test_fold.py tests/test_input_bias.py tests/test_checks.py \
 	tests/test_randomize.py tests/test_faithfulness.py tests/test_randomization_family.py \
-	tests/test_execution.py tests/test_uncertainty.py tests/test_coverage.py tests/test_prefix.py
+	tests/test_execution.py tests/test_uncertainty.py tests/test_coverage.py tests/test_prefix.py \
+	tests/test_polyphase.py
 test-kernels: $(STAMP)
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(NUMERIC)
 

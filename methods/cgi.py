@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.base.registry import Range
-from methods.fold import fold_batchnorm
+from methods.fold import gradient_model
 from methods.registry import METHODS
 
 CLASS_SETS = ("all", "topk")
@@ -105,7 +105,7 @@ def cgi(model: nn.Module, x: Tensor, target: Tensor, *, classes: str = "all", k:
     """
     if classes not in CLASS_SETS:
         raise ValueError(f"cgi: classes must be one of {', '.join(CLASS_SETS)}, got {classes!r}")
-    model = fold_batchnorm(model)  # same gradients; M backward rows skip every BatchNorm
+    model = gradient_model(model)  # same gradients; M backward rows skip every BatchNorm
     parts, start, per_input = [], 0, None
     while start < len(x):  # the first chunk has one input and tells how many classes compete
         n = 1 if per_input is None else max(1, internal_batch_size // per_input)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from harness.base.registry import Range
 from methods.common import target_logits
-from methods.fold import fold_batchnorm
+from methods.fold import gradient_model
 from methods.registry import METHODS
 
 TERMS = ("deletion", "insertion", "deletion", "insertion")  # combined mask twice, then d, i
@@ -73,7 +73,7 @@ def igos_pp_masks(model: nn.Module, x: Tensor, target: Tensor, *, size: int, L1:
     image = x.detach()
     # Same function, and its ~10^4 passes skip every BatchNorm. The line search's accept/reject
     # decisions see the loss up to rounding, so the masks may differ from the unfolded model's.
-    model = fold_batchnorm(model)
+    model = gradient_model(model)
     problem = IgosProblem(model, image, blurred_baseline(image, blur_ksize, blur_sigma),
                           target.to(x.device), ig_iter, noise, L1, L2, internal_batch_size,
                           seed, *bilateral_weights(image))

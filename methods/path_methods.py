@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from harness.base.registry import Range
 from methods.common import input_gradients, logit_gradient
-from methods.fold import fold_batchnorm
+from methods.fold import gradient_model
 from methods.registry import METHODS
 
 # --- Guided Integrated Gradients ---------------------------------------------------------------
@@ -39,7 +39,7 @@ def guided_ig(model: nn.Module, x: Tensor, target: Tensor, *, steps: int = 200,
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    model = fold_batchnorm(model)  # same gradients; the steps' passes skip every BatchNorm
+    model = gradient_model(model)  # same gradients; the steps' passes skip every BatchNorm
     end = x.detach().flatten(1).double()
     start = torch.full_like(end, baseline)
     point, attribution = start.clone(), torch.zeros_like(end)
@@ -127,7 +127,7 @@ def blur_ig(model: nn.Module, x: Tensor, target: Tensor, *, max_sigma: float = 5
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    model = fold_batchnorm(model)  # same gradients; the steps' passes skip every BatchNorm
+    model = gradient_model(model)  # same gradients; the steps' passes skip every BatchNorm
     sigmas = blur_sigmas(max_sigma, steps, sqrt)
     image = x.detach().double()
     total = torch.zeros_like(image)

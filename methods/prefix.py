@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from methods.fold import ConvBatchNormTracer, Fold, fold_graph_module, refold
+from methods.polyphase import polyphase_stems
 
 Score = Callable[[Tensor], Tensor]  # logits (n, K) -> the scalar to differentiate
 _ACTIVE: ContextVar[PrefixCache | None] = ContextVar("reused_prefix", default=None)
@@ -177,6 +178,7 @@ class PrefixCache:
             return None
         live = fx.GraphModule(model, graph)
         folds = fold_graph_module(live) if fold and not model.training else []
+        polyphase_stems(live)  # the stem's input gradient as one dense convolution
         return cls(model, live, folds, _device_budget(model, budget_bytes), record)
 
     def clear(self) -> None:

@@ -313,13 +313,13 @@ def bench_cgi_batching(model: torch.nn.Module, x: torch.Tensor, target: torch.Te
     """CGI over all classes of one photo: batched VJPs (``METHODS["cgi"]``) vs the loop of one
     backward per class, on the model as given and on the same BatchNorm-folded model that
     ``cgi`` uses (that ratio is the batching alone)."""
-    from methods.fold import fold_batchnorm
+    from methods.fold import gradient_model
 
     timings, maps = {}, {}
     runs = {"batched": lambda: METHODS["cgi"](model, x, target, classes="all",
                                               internal_batch_size=internal_batch_size),
             "loop": lambda: looped_cgi(model, x, target),
-            "loop_folded": lambda: looped_cgi(fold_batchnorm(model), x, target)}
+            "loop_folded": lambda: looped_cgi(gradient_model(model), x, target)}
     for name, run in runs.items():
         tic = time.perf_counter()
         maps[name] = run()

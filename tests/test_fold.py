@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.zoo import MODELS
-from methods.fold import fold_batchnorm
+from methods.fold import fold_batchnorm, gradient_model
+from methods.polyphase import PolyphaseConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,12 +112,28 @@ def test_nothing_to_fold_returns_the_model(tiny_model):
     assert fold_batchnorm(untraceable) is untraceable
 
 
+def test_gradient_model_swaps_a_stem_without_batchnorm(tiny_model):
+    """No BatchNorm but a strided 3-channel stem: the trace with the polyphase stem, the same
+    input gradients (float64: they differ by the order of the stem's sums, ~1e-16); a model with
+    neither (the tiny CNN) is returned as it is."""
+    assert gradient_model(tiny_model) is tiny_model
+    model = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(4)).double()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model(x)  # materialize the lazy layer
+    swapped = gradient_model(model)
+    assert isinstance(swapped.get_submodule("0"), PolyphaseConv2d)
+    assert type(model[0]) is nn.Conv2d
+    grads, swapped_grads = input_gradients(model, x), input_gradients(swapped, x)
+    torch.testing.assert_close(swapped_grads, grads, atol=1e-12 * grads.abs().max(), rtol=0)
+
+
 def folding_methods() -> list[str]:
-    """Registry entries whose module calls fold_batchnorm (a new one is tested automatically)."""
+    """Registry entries whose module calls gradient_model (a new one is tested automatically)."""
     from methods import METHODS
 
     return sorted(name for name in METHODS
-                  if hasattr(sys.modules[METHODS[name].__module__], "fold_batchnorm"))
+                  if hasattr(sys.modules[METHODS[name].__module__], "gradient_model"))
 
 
 SMALL_BUDGETS = {"guided_ig": {"steps": 8}, "blur_ig": {"steps": 8},
@@ -139,15 +156,16 @@ def smooth_model() -> nn.Module:
 
 @pytest.mark.parametrize("name", [n for n in folding_methods() if n not in ROUNDING_SENSITIVE])
 def test_methods_explain_the_folded_model_like_the_model(name, smooth_model, monkeypatch):
-    """The map through the folded copy equals the map with folding switched off."""
+    """The map through the folded copy (polyphase stem included) equals the map with both
+    switched off."""
     from methods import METHODS
 
-    assert fold_batchnorm(smooth_model) is not smooth_model
+    assert isinstance(gradient_model(smooth_model).conv_stem, PolyphaseConv2d)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([3, 7])
     method = partial(METHODS[name], **SMALL_BUDGETS.get(name, {}), internal_batch_size=8)
     folded = method(smooth_model, x, target)
-    monkeypatch.setattr(sys.modules[METHODS[name].__module__], "fold_batchnorm", lambda m: m)
+    monkeypatch.setattr(sys.modules[METHODS[name].__module__], "gradient_model", lambda m: m)
     unfolded = method(smooth_model, x, target)
     scale = unfolded.abs().max()
     assert scale > 0
