@@ -57,7 +57,7 @@ def polyphase_input_gradient(grad: Tensor, weight: Tensor, stride: tuple[int, in
                              padding: tuple[int, int], size: tuple[int, int]) -> Tensor:
     """d <grad, conv(x, weight)> / dx: grad (N, O, Ho, Wo) -> (N, C, H, W) for ``size`` (H, W)."""
     (sh, sw), (ph, pw), (h, w) = stride, padding, size
-    kernel = polyphase_kernel(weight, stride)
+    kernel = polyphase_kernel(weight.to(grad.dtype), stride)  # bf16 under autocast
     if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
         kernel = kernel.contiguous(memory_format=torch.channels_last)
     th, tw = kernel.shape[-2:]
