@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError
 from torch import nn
 
 from harness.base.dataset import Dataset
+from harness.console import counted
 from harness.plan import Given, make_plan
 from harness.run import execute, with_blocks
 from methods import METHODS
@@ -84,7 +85,7 @@ def _data(inputs: torch.Tensor | Dataset | str, targets: torch.Tensor | None) ->
         torch.as_tensor(targets, dtype=torch.long).reshape(n)
     return Dataset(inputs=inputs.detach().float(), labels=labels, samples=torch.arange(n),
                    mean=(0.0,) * channels, std=(1.0,) * channels,
-                   source=f"a tensor of {n} inputs given to harness.evaluate")
+                   source=f"a tensor of {counted(n, 'input')} given to harness.evaluate")
 
 
 def _functions(methods: Sequence[MethodLike]) -> dict[str, Callable]:

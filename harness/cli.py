@@ -29,6 +29,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from harness.console import counted
+
 
 def _conf_dir() -> Path:
     """``harness/conf`` of an installed package, else the top-level ``conf/`` of the clone."""
@@ -232,8 +234,9 @@ def _app():
         print(f"[sanity] report: {run_dir / 'report.html'}")
         record = json.loads((run_dir / "run.json").read_text())
         # what a launcher logs for the job: a sweep on a cluster shows what each job did
-        return (f"{record['parts_kept']} parts kept, {record['parts_computed']} parts computed, "
-                f"{record['rows']} rows ({run_dir})")
+        return (f"{counted(record['parts_kept'], 'part')} kept, "
+                f"{counted(record['parts_computed'], 'part')} computed, "
+                f"{counted(record['rows'], 'row')} ({run_dir})")
 
     return app
 

@@ -15,6 +15,11 @@ from typing import TextIO
 BAR = re.compile("[\r\x1b]")  # what only progress bars write: carriage return, escape
 
 
+def counted(n: int, noun: str) -> str:
+    """``3 inputs``, ``1 input``: a count with its noun (regular plural)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class Tee:
     """A text stream that writes to ``stream`` and copies each whole line to ``log``, except
     the lines of progress bars (carriage returns, cursor moves) and blank lines between them."""

@@ -23,6 +23,7 @@ from checks.summary import similarity_summary
 from checks.uncertainty import summary_table
 from harness.base.context import CheckContext, MetricSpec
 from harness.base.meta import attach_meta, fallback_meta, model_meta
+from harness.console import counted
 from harness.data import DATASETS, Dataset
 from harness.execution import (
     TORCH_FORMATS,
@@ -127,7 +128,8 @@ def execute_owned(plan: RunPlan) -> Path:
     tic = time.perf_counter()
     run_check(plan, built, store)
     if kept:
-        print(f"[sanity] resumed: {kept} parts kept, {store.parts} parts computed")
+        print(f"[sanity] resumed: {counted(kept, 'part')} kept, {counted(store.parts, 'part')} "
+              "computed")
     timings["check_s"] = time.perf_counter() - tic
     write_table(plan.run_dir / SUMMARY, summary_table(read_rows(plan.run_dir), plan.seed))
     timings["figures_s"] = draw_figures(plan.run_dir) if plan.figures else 0.0
@@ -234,8 +236,9 @@ def run_check(plan: RunPlan, built: Built, store: RunStore) -> None:
                        n_maps=plan.n_maps, progress=plan.progress, train=built.trainer,
                        memory_limit=memory_limit(plan),
                        finished=partial(store.finished, plan.check))
-    print(f"[sanity] {plan.model_label} on {built.data.source}: {len(built.data.samples)} "
-          f"inputs, {len(ctx.methods)} methods, check {plan.check}, device {built.device}")
+    print(f"[sanity] {plan.model_label} on {built.data.source}: "
+          f"{counted(len(built.data.samples), 'input')}, {counted(len(ctx.methods), 'method')}, "
+          f"check {plan.check}, device {built.device}")
     for item in CHECKS[plan.check](ctx, **plan.check_kwargs):
         store.add(item)
     store.flush()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from checks.summary import similarity_summary
+from harness.console import counted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +65,8 @@ def test_summary_names_every_stage_and_the_first_below_half():
     assert text[4].split() == ["gradient", "spearman", *cells([1.0, 0.45, 0.3, 0.2]), "1", "fc"]
     assert text[5].split() == ["sobel", "ssim", *cells([1.0] * 4), "never"]
     assert len(text) == 6
+
+
+def test_counts_read_as_english() -> None:
+    """The run's banner and resume lines: "1 input", "2 methods", never "1 methods"."""
+    assert [counted(n, "input") for n in (0, 1, 2)] == ["0 inputs", "1 input", "2 inputs"]

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from harness.collect import collect
+from harness.console import counted
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["model=tiny_cnn", "dataset=digits", "dataset.n=12", "method=[gradient,smoothgrad,vargrad]",
@@ -94,7 +95,7 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
     assert f"{len(before)} finished parts kept" in out
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "rows").glob("part-*.parquet")}
     assert len(after) == 4 * 3 and all(after[name] == before[name] for name in before)
-    assert f"{len(before)} parts kept, {len(after) - len(before)} parts computed" in out
+    assert f"{counted(len(before), 'part')} kept, {counted(len(after) - len(before), 'part')} computed" in out
 
     reference_dir = run_in_process(RUN, reference)
     claims = [json.loads((d / "claim.json").read_text()) for d in (run_dir, reference_dir)]

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from test_resume import KEY, run_in_process, sanity, table
 
+from harness.console import counted
 from harness.store import FAILED, LOCK, RunDirBusy, finished_parts, own_run_dir
 
 RUN = ["model=tiny_cnn", "dataset=digits", "dataset.n=6", "method=[gradient,smoothgrad]",
@@ -89,7 +90,7 @@ def test_second_run_into_one_dir_fails_or_waits(tmp_path):
     assert status == 0, err
     status, out, err = communicate(waiter)
     assert status == 0, err
-    assert f"resumed: {PARTS} parts kept, 0 parts computed" in out, out
+    assert f"resumed: {counted(PARTS, 'part')} kept, 0 parts computed" in out, out
 
     rows = pd.read_parquet(run_dir / "rows")
     assert len(rows) == ROWS and not rows.duplicated(KEY).any()
@@ -129,7 +130,7 @@ def test_signal_stops_with_one_line_and_the_rerun_completes(tmp_path, uninterrup
 
     code, out, err = communicate(sanity(args, tmp_path))
     assert code == 0, err
-    assert f"resumed: {kept} parts kept, {PARTS - kept} parts computed" in out, out
+    assert f"resumed: {counted(kept, 'part')} kept, {counted(PARTS - kept, 'part')} computed" in out, out
     assert "[sanity] figures" not in out  # figures=false: no path for what was not written
     assert not list(run_dir.rglob(".*.tmp-*"))
     resumed = table(run_dir)

@@ -23,6 +23,7 @@ import pytest
 from test_resume import run_in_process, table  # the in-process reference run
 
 from harness.collect import main as collect_main
+from harness.console import counted
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/sanity-slurm"))
@@ -150,7 +151,7 @@ def test_slurm_sharded_sweep_cancel_resume_collect(slurm_env, tmp_path, record_p
     record_property("resumed sweep", time.monotonic() - tic)
     assert "job 1 finished earlier (same config): not submitted again" in out, out
     assert "submitted 2 jobs to SLURM" in out, out
-    assert (f"done: {len(kept)} parts kept, {8 - len(kept)} parts computed, "
+    assert (f"done: {counted(len(kept), 'part')} kept, {counted(8 - len(kept), 'part')} computed, "
             f"{(8 - len(kept)) * 4} rows") in out, out
     after = parts(sweep_b / "0")
     assert len(after) == 8 and all(after[name] == kept[name] for name in kept)
