@@ -107,12 +107,13 @@ class Stats:
     nbytes: int = 0  # bytes held by the recordings
     over_budget: bool = False
     reasons: dict[str, int] = field(default_factory=dict)  # why chunks were not reused
+    polyphase_stems: list[str] = field(default_factory=list)  # methods.polyphase in the trace
 
     def record(self) -> dict:
         return {"recorded_chunks": self.recorded, "reused_chunks": self.reused,
                 "full_passes": self.full, "passes_on_the_model": self.declined,
                 "recorded_bytes": self.nbytes, "over_budget": self.over_budget,
-                "reasons": dict(self.reasons)}
+                "reasons": dict(self.reasons), "polyphase_stems": list(self.polyphase_stems)}
 
 
 class _Recorder(fx.Interpreter):
@@ -178,8 +179,10 @@ class PrefixCache:
             return None
         live = fx.GraphModule(model, graph)
         folds = fold_graph_module(live) if fold and not model.training else []
-        polyphase_stems(live)  # the stem's input gradient as one dense convolution
-        return cls(model, live, folds, _device_budget(model, budget_bytes), record)
+        stems = polyphase_stems(live)  # the stem's input gradient as one dense convolution
+        cache = cls(model, live, folds, _device_budget(model, budget_bytes), record)
+        cache.stats.polyphase_stems = stems
+        return cache
 
     def clear(self) -> None:
         self.recordings.clear()

@@ -35,11 +35,13 @@ BUDGET = 2**30
 
 
 class Residual(nn.Module):
-    """conv-BN-ReLU, a residual join read by both sides of a later stage, a loose parameter."""
+    """A strided conv-BN-ReLU stem, a residual join read by both sides of a later stage, a loose
+    parameter."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        # a strided 3-channel stem: its input gradient runs in polyphase form in the trace
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6)
         self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
         self.offset = nn.Parameter(torch.full((1, 6, 1, 1), 0.1))
         self.conv3 = nn.Conv2d(6, 8, 3, padding=1)
@@ -257,6 +259,7 @@ def test_check_rows_with_and_without_reuse(check):
     assert off["prefix_reuse"] == "off"
     record = notes["prefix_reuse"]
     assert record["recorded_chunks"] > 0 and record["reused_chunks"] > 0
+    assert record["polyphase_stems"] == ["conv1"]
     assert len(with_reuse) == len(without) > 0
     for a, b in zip(with_reuse, without):
         assert (a["method"], a["stage"], a["sample"]) == (b["method"], b["stage"], b["sample"])
