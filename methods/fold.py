@@ -23,10 +23,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from methods.polyphase import polyphase_stems
+from methods.polyphase import PolyphaseConv2d, is_stem
 
 
-class ConvBatchNormTracer(fx.Tracer):
+class _ConvBatchNormTracer(fx.Tracer):
     """Keeps convolutions and BatchNorms (also subclasses such as timm's) as graph nodes."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
@@ -98,7 +98,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     if not any(isinstance(m, nn.BatchNorm2d) and not m.training for m in model.modules()):
         return model
-    traced = _traced(model)
+    traced = trace_model(model)
     if traced is None or not fold_graph_module(traced):
         return model
     return traced.train(model.training)
@@ -110,7 +110,7 @@ def gradient_model(model: nn.Module) -> nn.Module:
     The same function and the same input gradients up to float rounding; weights are constants
     (no parameter gradient through it). ``model`` itself when neither applies or it cannot be
     traced; never modified."""
-    traced = _traced(model)
+    traced = trace_model(model)
     if traced is None:
         return model
     folded = fold_graph_module(traced) if not model.training else []
@@ -120,11 +120,11 @@ def gradient_model(model: nn.Module) -> nn.Module:
     return traced.train(model.training)
 
 
-def _traced(model: nn.Module) -> fx.GraphModule | None:
+def trace_model(model: nn.Module) -> fx.GraphModule | None:
     """The trace with convolutions and BatchNorms as leaves (new containers, the model's
     leaves), or None when it cannot be traced symbolically."""
     try:
-        graph = ConvBatchNormTracer().trace(model)
+        graph = _ConvBatchNormTracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means "use the model as it is"
         return None
     return fx.GraphModule(model, graph)
@@ -162,6 +162,20 @@ def fold_graph_module(folded: fx.GraphModule) -> list[Fold]:
         folded.delete_all_unused_submodules()
         folded.recompile()
     return pairs
+
+
+def polyphase_stems(traced: fx.GraphModule) -> list[str]:
+    """Every stem convolution (:func:`methods.polyphase.is_stem`) of ``traced`` replaced, in
+    place, by a :class:`methods.polyphase.PolyphaseConv2d` around it. Returns the targets."""
+    replaced = []
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or node.target in replaced:
+            continue
+        module = traced.get_submodule(node.target)
+        if is_stem(module):
+            _replace_submodule(traced, node.target, PolyphaseConv2d(module))
+            replaced.append(node.target)
+    return replaced
 
 
 @torch.no_grad()

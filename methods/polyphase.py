@@ -19,15 +19,14 @@ kernel on ResNet-18's stem, 4.5x on a ViT's patch embedding, 16 images at 224 px
 The result differs from autograd's only in the order of the sums (tests/test_polyphase.py
 bounds it by the summation error).
 
-:func:`polyphase_stems` swaps every such convolution of a ``torch.fx`` trace for
-:class:`PolyphaseConv2d`, whose forward is the convolution itself and whose backward gives the
+:func:`methods.fold.polyphase_stems` swaps every such convolution of a ``torch.fx`` trace
+for :class:`PolyphaseConv2d`, whose forward is the convolution itself and whose backward gives the
 input gradient this way. The weights are constants to autograd: the trace serves input
 gradients only (:mod:`methods.prefix`). On a GPU the layer runs as given.
 """
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -123,20 +122,3 @@ class PolyphaseConv2d(nn.Module):
         bias = None if conv.bias is None else conv.bias.detach()
         return _PolyphaseConvolution.apply(x, conv.weight.detach(), bias, conv.stride,
                                            conv.padding)
-
-
-def polyphase_stems(traced: fx.GraphModule) -> list[str]:
-    """Every stem convolution (:func:`is_stem`) of ``traced`` (a trace whose convolutions are
-    leaf modules) replaced, in place, by a :class:`PolyphaseConv2d` around it. Returns the
-    replaced targets."""
-    replaced = []
-    for node in traced.graph.nodes:
-        if node.op != "call_module" or node.target in replaced:
-            continue
-        module = traced.get_submodule(node.target)
-        if is_stem(module):
-            parent, _, name = node.target.rpartition(".")
-            setattr(traced.get_submodule(parent) if parent else traced, name,
-                    PolyphaseConv2d(module))
-            replaced.append(node.target)
-    return replaced

@@ -46,8 +46,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from methods.fold import ConvBatchNormTracer, Fold, fold_graph_module, refold
-from methods.polyphase import polyphase_stems
+from methods.fold import Fold, fold_graph_module, polyphase_stems, refold, trace_model
 
 Score = Callable[[Tensor], Tensor]  # logits (n, K) -> the scalar to differentiate
 _ACTIVE: ContextVar[PrefixCache | None] = ContextVar("reused_prefix", default=None)
@@ -173,11 +172,9 @@ class PrefixCache:
     @classmethod
     def of(cls, model: nn.Module, budget_bytes: int, fold: bool = True,
            record: bool = True) -> PrefixCache | None:
-        try:
-            graph = ConvBatchNormTracer().trace(model)
-        except Exception:  # noqa: BLE001 - untraceable (data-dependent control flow...): no reuse
+        live = trace_model(model)
+        if live is None:  # untraceable (data-dependent control flow...): no reuse
             return None
-        live = fx.GraphModule(model, graph)
         folds = fold_graph_module(live) if fold and not model.training else []
         stems = polyphase_stems(live)  # the stem's input gradient as one dense convolution
         cache = cls(model, live, folds, _device_budget(model, budget_bytes), record)

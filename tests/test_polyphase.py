@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.zoo import MODELS
-from methods.fold import ConvBatchNormTracer
-from methods.polyphase import PolyphaseConv2d, is_stem, polyphase_input_gradient, polyphase_stems
+from methods.fold import polyphase_stems, trace_model
+from methods.polyphase import PolyphaseConv2d, is_stem, polyphase_input_gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +118,7 @@ def test_polyphase_stems_swaps_the_trace_not_the_model() -> None:
     """timm's ResNet-18: its stem is swapped in the trace, the model keeps its own module, and
     the wrapper reads the model's weights (a randomization in place is seen)."""
     model = MODELS["timm"](name="resnet18", num_classes=5).eval()
-    traced = fx.GraphModule(model, ConvBatchNormTracer().trace(model))
+    traced = trace_model(model)
     assert polyphase_stems(traced) == ["conv1"]
     assert type(model.conv1) is nn.Conv2d and isinstance(traced.conv1, PolyphaseConv2d)
     x = torch.randn(2, 3, 64, 64)
